@@ -1,0 +1,270 @@
+"""Backing devices: the only module that makes I/O syscalls.
+
+A :class:`BlockDevice` is anything a table line can name: an image file, a real
+block device, or (see ``mapped_device.py``) another dmuser device resolved in
+process.  All of them take a :class:`~dmuser.bio.Bio` through ``submit()``,
+which returns when the request is complete and raises :class:`DmIOError` (or a
+subclass) when it failed.  A failed READ leaves its buffer zero-filled, as
+dm-io does.
+
+I/O policy (measured by ``tools/bench_inline``, written down in
+``docs/io-policy.md``): ``pread``/``pwrite`` of at most
+:data:`IoPolicy.inline_max_bytes` run inline in the trio thread, larger ones
+and every ``fdatasync`` run in a worker thread under one process-wide limiter.
+A thread that has started a write is never abandoned on cancellation, so a
+write is either not started or finished.  ``os.pread``/``os.pwrite`` are used,
+never ``lseek`` + ``read``, because worker threads share the file offset.
+
+Durability: PREFLUSH runs ``fdatasync`` before the bio's data is written, FUA
+runs it after; an empty flush is just ``fdatasync``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import trio
+
+from .bio import Bio, Op, ReqFlag
+from .errors import DmIOError, NoSuchDeviceError, NotSupportedError
+from .units import SECTOR_SHIFT
+
+log = logging.getLogger(__name__)
+
+_BLKGETSIZE64 = 0x80081272
+_BLKDISCARD = 0x1277
+_BLKZEROOUT = 0x127F
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+@dataclass(slots=True)
+class IoPolicy:
+    """Where blocking syscalls run.  Process-wide; see the module docstring."""
+
+    inline_max_bytes: int
+    limiter: trio.CapacityLimiter
+
+
+POLICY = IoPolicy(
+    inline_max_bytes=int(os.environ.get("DMUSER_INLINE_MAX_BYTES", "0")),
+    limiter=trio.CapacityLimiter(16),
+)
+
+
+async def _run(fn, *args, nbytes: int = 1 << 30):  # type: ignore[no-untyped-def]
+    """Run a blocking syscall inline or in a worker thread according to POLICY."""
+    if nbytes <= POLICY.inline_max_bytes:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args, limiter=POLICY.limiter)
+
+
+class BlockDevice:
+    """Base of everything a table can point at.
+
+    Attributes:
+        status_name: how ``table``/``status`` print the device: ``MAJ:MIN`` for a real
+            block device, the absolute path for a regular file, the device's
+            path on the mount for another dmuser device.
+    """
+
+    status_name: str
+    supports_discard: ClassVar[bool] = True
+    supports_write_zeroes: ClassVar[bool] = True
+
+    @property
+    def nr_sectors(self) -> int:
+        raise NotImplementedError
+
+    async def submit(self, bio: Bio) -> None:
+        raise NotImplementedError
+
+    async def read(self, sector: int, nr_sectors: int) -> bytearray:
+        """Convenience: read ``nr_sectors`` into a new buffer."""
+        buf = bytearray(nr_sectors << SECTOR_SHIFT)
+        await self.submit(Bio.read(sector, buf))
+        return buf
+
+    async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        await self.submit(Bio.write(sector, data))
+
+    async def flush(self) -> None:
+        await self.submit(Bio.flush())
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise DmIOError(f"read past end of device at byte {offset + done}")
+        done += n
+
+
+def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class FileDevice(BlockDevice):
+    """An image file or a real block device, opened read-write.
+
+    Close it with :meth:`close` once nothing submits to it any more.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchDeviceError(f"{path}: no such file or block device") from None
+        except OSError as exc:
+            raise NoSuchDeviceError(f"{path}: cannot open: {exc.strerror}", exc.errno) from None
+        st = os.fstat(self.fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        if not (self.is_block or stat.S_ISREG(st.st_mode)):
+            os.close(self.fd)
+            raise NoSuchDeviceError(f"{path}: not a regular file or block device")
+        self.key = (st.st_rdev,) if self.is_block else (st.st_dev, st.st_ino)
+        self.status_name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if self.is_block else self.path
+
+    def __repr__(self) -> str:
+        return f"FileDevice({self.path!r})"
+
+    @property
+    def nr_sectors(self) -> int:
+        if self.is_block:
+            buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
+            return int(struct.unpack("Q", buf)[0]) >> SECTOR_SHIFT
+        return os.fstat(self.fd).st_size >> SECTOR_SHIFT
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def submit(self, bio: Bio) -> None:
+        try:
+            await self._submit(bio)
+        except OSError as exc:
+            if bio.op is Op.READ and bio.data is not None:
+                bio.data[:] = bytes(len(bio.data))
+            log.warning("%s: %s of %d sectors at %d failed: %s",
+                        self.status_name, bio.op.name, bio.nr_sectors, bio.sector, exc)
+            raise DmIOError(f"{self.status_name}: {exc.strerror or exc}", exc.errno) from exc
+
+    async def _submit(self, bio: Bio) -> None:
+        fd = self.fd
+        if fd < 0:
+            raise DmIOError(f"{self.status_name}: device closed", errno.EBADF)
+        if bio.flags & ReqFlag.PREFLUSH:
+            await _run(os.fdatasync, fd)
+        offset = bio.sector << SECTOR_SHIFT
+        length = bio.nr_sectors << SECTOR_SHIFT
+        op = bio.op
+        if op is Op.READ:
+            assert bio.data is not None
+            await _run(_pread_full, fd, bio.data, offset, nbytes=length)
+        elif op is Op.WRITE:
+            if length:
+                assert bio.data is not None
+                await _run(_pwrite_full, fd, bio.data, offset, nbytes=length)
+        elif op is Op.DISCARD:
+            await self._discard(offset, length)
+        elif op is Op.WRITE_ZEROES:
+            await self._write_zeroes(offset, length)
+        elif op is not Op.FLUSH:
+            raise NotSupportedError(f"{self.status_name}: operation {op.name} not supported")
+        if bio.flags & ReqFlag.FUA and length:
+            await _run(os.fdatasync, fd)
+
+    async def _discard(self, offset: int, length: int) -> None:
+        if self.is_block:
+            arg = struct.pack("QQ", offset, length)
+            await _run(fcntl.ioctl, self.fd, _BLKDISCARD, arg)
+        else:
+            await _run(_fallocate, self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       offset, length)
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        if self.is_block:
+            arg = struct.pack("QQ", offset, length)
+            await _run(fcntl.ioctl, self.fd, _BLKZEROOUT, arg)
+            return
+        try:
+            await _run(_fallocate, self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
+                       offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            zeros = memoryview(bytes(min(length, 1 << 20)))
+            for pos in range(offset, offset + length, len(zeros)):
+                chunk = zeros[: min(len(zeros), offset + length - pos)]
+                await _run(_pwrite_full, self.fd, chunk, pos)
+
+
+class MemDevice(BlockDevice):
+    """A device held in memory, for tests and transient scratch space.
+
+    ``fail_sectors`` makes every bio touching one of those sectors fail with EIO,
+    the simplest failing device for dm-io and kcopyd tests.
+    """
+
+    def __init__(self, nr_sectors: int, name: str = "mem") -> None:
+        self.buf = bytearray(nr_sectors << SECTOR_SHIFT)
+        self.status_name = name
+        self.fail_sectors: set[int] = set()
+        self.fail_all = False
+        self.flushes = 0
+
+    @property
+    def nr_sectors(self) -> int:
+        return len(self.buf) >> SECTOR_SHIFT
+
+    def _fails(self, bio: Bio) -> bool:
+        if self.fail_all:
+            return True
+        return any(s in self.fail_sectors for s in range(bio.sector, bio.end_sector))
+
+    async def submit(self, bio: Bio) -> None:
+        await trio.lowlevel.checkpoint()
+        if bio.end_sector > self.nr_sectors:
+            raise DmIOError(f"{self.status_name}: access beyond end of device")
+        if self._fails(bio):
+            if bio.op is Op.READ and bio.data is not None:
+                bio.data[:] = bytes(len(bio.data))
+            raise DmIOError(f"{self.status_name}: injected I/O error at sector {bio.sector}")
+        start, end = bio.sector << SECTOR_SHIFT, bio.end_sector << SECTOR_SHIFT
+        if bio.flags & ReqFlag.PREFLUSH:
+            self.flushes += 1
+        if bio.op is Op.READ:
+            assert bio.data is not None
+            bio.data[:] = self.buf[start:end]
+        elif bio.op is Op.WRITE:
+            if bio.data is not None:
+                self.buf[start:end] = bio.data
+        elif bio.op in (Op.DISCARD, Op.WRITE_ZEROES):
+            self.buf[start:end] = bytes(end - start)
+        elif bio.op is not Op.FLUSH:
+            raise NotSupportedError(f"{self.status_name}: operation {bio.op.name} not supported")

@@ -1,0 +1,191 @@
+"""``dmuser``: the daemon and a dmsetup-like command line.
+
+Every verb except ``serve`` talks to the daemon over its control socket
+(``--socket``, ``$DMUSER_SOCKET``, or the default from ``paths.py``).
+Exit status: 0 on success, 1 when the command failed (the message is printed
+to stderr, prefixed ``dmuser: VERB NAME:``), 2 for bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any
+
+from . import client, paths
+from .errors import DmError
+
+TABLE_HELP = "table lines 'START LENGTH TARGET ARGS...', ';' or newline separated"
+
+
+def _add_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=None, metavar="PATH",
+                   help="control socket of the daemon (default: $DMUSER_SOCKET or "
+                        f"{paths.default_socket()})")
+
+
+def _add_table_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table_file", nargs="?", metavar="TABLE_FILE",
+                   help="file holding the table; '-' or absent with --table absent: stdin")
+    p.add_argument("--table", metavar="TABLE", help=TABLE_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmuser",
+        description="Userspace device-mapper: mapped devices as files on a FUSE mount.")
+    parser.add_argument("--version", action="version", version="dmuser 0.1.0")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon that holds every mapped device")
+    p.add_argument("--mountpoint", default=None, metavar="DIR",
+                   help=f"where device files appear (default {paths.default_mountpoint()})")
+    _add_socket(p)
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (default: detach once the mount is ready)")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log file in background mode (default: <socket>.log)")
+    p.add_argument("--debug", action="store_true", help="log every control verb and error")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("create", help="create a device and load and activate its table")
+    p.add_argument("name")
+    _add_table_source(p)
+    p.add_argument("--notable", action="store_true", help="create without a table")
+    p.add_argument("--uuid", default="")
+    _add_socket(p)
+
+    p = sub.add_parser("reload", help="load an inactive table (activate it with resume)")
+    p.add_argument("name")
+    _add_table_source(p)
+    _add_socket(p)
+
+    p = sub.add_parser("remove", help="remove a device")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true",
+                   help="remove even while open: its I/O then fails")
+    _add_socket(p)
+
+    for verb, text in (("suspend", "hold new I/O and drain I/O in flight"),
+                       ("resume", "swap in the inactive table, if any, and release I/O"),
+                       ("clear", "drop the inactive table")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("name")
+        _add_socket(p)
+
+    for verb, text in (("ls", "list devices"),
+                       ("table", "show tables (dmsetup table format)"),
+                       ("status", "show target status (dmsetup status format)"),
+                       ("info", "show device state"),
+                       ("targets", "list target types and versions")):
+        p = sub.add_parser(verb, help=text)
+        if verb in ("table", "status", "info"):
+            p.add_argument("name", nargs="?")
+        if verb in ("table", "status"):
+            p.add_argument("--inactive", action="store_true", help="show the inactive table")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        _add_socket(p)
+
+    p = sub.add_parser("message", help="send a message to the target at SECTOR")
+    p.add_argument("name")
+    p.add_argument("sector")
+    p.add_argument("message", nargs="*")
+    _add_socket(p)
+
+    p = sub.add_parser("shutdown", help="stop the daemon (drain, flush, unmount)")
+    _add_socket(p)
+    return parser
+
+
+def _read_table(args: argparse.Namespace) -> str | None:
+    if getattr(args, "notable", False):
+        return None
+    if args.table is not None:
+        if args.table_file is not None:
+            raise DmError("give either --table or a table file, not both")
+        return str(args.table).replace(";", "\n")
+    if args.table_file not in (None, "-"):
+        try:
+            with open(args.table_file) as f:
+                return f.read()
+        except OSError as exc:
+            raise DmError(f"cannot read table file {args.table_file}: {exc.strerror}") from None
+    if args.table_file is None and sys.stdin.isatty():
+        raise DmError("no table given: use --table, a table file, or pipe it on stdin")
+    return sys.stdin.read()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, StartupError
+
+    mountpoint = args.mountpoint or paths.default_mountpoint()
+    sock = args.socket or paths.default_socket()
+    if not args.foreground:
+        return _start_background(args, mountpoint, sock)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        Daemon(mountpoint, sock).run(args.ready_fd)
+    except StartupError as exc:
+        print(f"dmuser: serve: {exc}", file=sys.stderr)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"error: {exc}\n".encode())
+        return 1
+    return 0
+
+
+def _start_background(args: argparse.Namespace, mountpoint: str, sock: str) -> int:
+    """Start ``serve --foreground`` detached; return once it reports ready (or failed)."""
+    log_file = args.log_file or os.path.splitext(sock)[0] + ".log"
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "dmuser", "serve", "--foreground", "--mountpoint", mountpoint,
+           "--socket", sock, "--ready-fd", str(write_fd)] + (["--debug"] if args.debug else [])
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    with open(log_file, "ab") as log_fh:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh,
+                                pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        status = ready.readline().strip()
+    if status == "ready":
+        print(f"dmuser: daemon {proc.pid} serving {mountpoint} (socket {sock}, log {log_file})")
+        return 0
+    proc.wait()
+    msg = status.removeprefix("error: ") or f"daemon exited with status {proc.returncode}"
+    print(f"dmuser: serve: {msg} (see {log_file})", file=sys.stderr)
+    return 1
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {"verb": args.verb, "cwd": os.getcwd()}
+    for key in ("name", "force", "inactive", "uuid", "sector", "message"):
+        if getattr(args, key, None) is not None:
+            req[key] = getattr(args, key)
+    if args.verb in ("create", "reload"):
+        req["table"] = _read_table(args)
+    return req
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb == "serve":
+        return _serve(args)
+    sock = args.socket or paths.default_socket()
+    where = " ".join(filter(None, [args.verb, getattr(args, "name", None)]))
+    try:
+        reply = client.request(sock, _request(args))
+    except DmError as exc:
+        print(f"dmuser: {where}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"dmuser: {where}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(reply.get("data"), indent=2))
+    else:
+        sys.stdout.write(reply.get("output", ""))
+    return 0

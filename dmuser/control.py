@@ -1,0 +1,180 @@
+"""The dmsetup verbs, independent of transport.
+
+Each verb takes the request's fields and returns a :class:`Reply` holding the
+text ``dmuser`` prints (formats as ``dmsetup`` prints them) and, for ``--json``,
+structured data.  Errors are raised as :class:`DmError`; the control server
+turns them into error replies (``daemon.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .args import parse_uint
+from .errors import DmError, TableError
+from .manager import DeviceManager
+from .mapped_device import MappedDevice
+from .target import TARGETS, StatusType
+
+
+@dataclass
+class Reply:
+    output: str = ""
+    data: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Verb = Callable[[DeviceManager, dict[str, Any]], Awaitable[Reply]]
+VERBS: dict[str, Verb] = {}
+
+
+def verb(name: str) -> Callable[[Verb], Verb]:
+    def deco(fn: Verb) -> Verb:
+        VERBS[name] = fn
+        return fn
+    return deco
+
+
+def _lines(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _devices(mgr: DeviceManager, req: dict[str, Any]) -> list[MappedDevice]:
+    """The named device, or every device when no name was given."""
+    name = req.get("name")
+    return [mgr.get(name)] if name else list(mgr)
+
+
+@verb("create")
+async def create(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    md = await mgr.create(req["name"], req.get("table"), req.get("cwd", "/"), req.get("uuid", ""))
+    return Reply(data={"name": md.name, "path": md.path})
+
+
+@verb("remove")
+async def remove(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await mgr.remove(req["name"], bool(req.get("force")))
+    return Reply()
+
+
+@verb("reload")
+async def reload(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    md = mgr.get(req["name"])
+    table = await mgr.build_table(md, req["table"], req.get("cwd", "/"))
+    await md.load(table)
+    return Reply()
+
+
+@verb("clear")
+async def clear(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await mgr.get(req["name"]).clear()
+    return Reply()
+
+
+@verb("suspend")
+async def suspend(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await mgr.get(req["name"]).suspend()
+    return Reply()
+
+
+@verb("resume")
+async def resume(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await mgr.get(req["name"]).resume()
+    return Reply()
+
+
+@verb("ls")
+async def ls(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    devices = list(mgr)
+    if not devices:
+        return Reply("No devices found\n", [])
+    return Reply(_lines([f"{md.name}\t({md.path})" for md in devices]),
+                 [{"name": md.name, "path": md.path} for md in devices])
+
+
+def _table_verb(kind: StatusType) -> Verb:
+    async def run(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+        devices = _devices(mgr, req)
+        if not devices:
+            return Reply("No devices found\n", {})
+        inactive = bool(req.get("inactive"))
+        out, data = [], {}
+        for md in devices:
+            if (md.inactive if inactive else md.live) is None:
+                lines: list[str] = []
+            else:
+                lines = md.table_lines(kind, inactive)
+            data[md.name] = lines
+            if req.get("name"):
+                out.extend(lines)
+            else:
+                out.extend(f"{md.name}: {line}" for line in lines)
+        return Reply(_lines(out), data)
+    return run
+
+
+VERBS["table"] = _table_verb(StatusType.TABLE)
+VERBS["status"] = _table_verb(StatusType.INFO)
+
+
+def format_info(md: MappedDevice) -> str:
+    i = md.info()
+    tables = " & ".join(t for t, present in (("LIVE", i.live), ("INACTIVE", i.inactive))
+                        if present) or "None"
+    rows = [("Name", i.name),
+            ("State", "SUSPENDED" if i.suspended else "ACTIVE"),
+            ("Tables present", tables),
+            ("Open count", str(i.open_count)),
+            ("Event number", str(i.event_nr)),
+            ("Number of targets", str(i.nr_targets)),
+            ("Size", f"{i.nr_sectors} sectors"),
+            ("File", i.path)]
+    if i.uuid:
+        rows.append(("UUID", i.uuid))
+    return _lines([f"{k + ':':<19}{v}" for k, v in rows])
+
+
+@verb("info")
+async def info(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    devices = _devices(mgr, req)
+    if not devices:
+        return Reply("No devices found\n", [])
+    return Reply("\n".join(format_info(md) for md in devices),
+                 [dataclasses.asdict(md.info()) for md in devices])
+
+
+@verb("message")
+async def message(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    md = mgr.get(req["name"])
+    words = list(req.get("message", []))
+    if not words:
+        raise TableError("Empty message received.")
+    sector = parse_uint(str(req.get("sector", "")))
+    if sector is None or md.live is None or sector >= md.nr_sectors:
+        raise TableError("Target message sector outside device.")
+    result = await md.live.target_at(sector).message(words)
+    return Reply(result + "\n" if result else "")
+
+
+@verb("targets")
+async def targets(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    rows = [(name, cls.version) for name, cls in TARGETS.items()]
+    return Reply(_lines([f"{n:<16} v{'.'.join(map(str, v))}" for n, v in rows]),
+                 {n: list(v) for n, v in rows})
+
+
+@verb("ping")
+async def ping(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    return Reply(data={"pid": os.getpid(), "mountpoint": mgr.mountpoint})
+
+
+async def dispatch(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    name = req.get("verb")
+    fn = VERBS.get(str(name))
+    if fn is None:
+        raise DmError(f"unknown verb {name!r}")
+    return await fn(mgr, req)

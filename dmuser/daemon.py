@@ -1,0 +1,220 @@
+"""``dmuser serve``: one process holding every mapped device.
+
+Life cycle (``docs/daemon.md``):
+
+1. Refuse to start if a daemon answers on the socket; remove a stale socket
+   (nobody listening) and lazily unmount a stale FUSE mount (``ENOTCONN``) left
+   by a killed daemon; refuse a mountpoint that is a live mount.
+2. Mount the FUSE file system, start the control server, then report
+   readiness (``--ready-fd``): the background start returns only now.
+3. Serve until SIGTERM, SIGINT or the ``shutdown`` verb.  Shutdown suspends
+   every device (new I/O is held, I/O in flight drains), flushes every table
+   (``fdatasync`` of every backing file), removes the devices, stops the FUSE
+   loop, unmounts and exits 0.  Data acknowledged by an ``fsync`` is durable
+   before that, and writes that were acknowledged are durable after it.
+
+Control verbs run one at a time (``_verb_lock``), so table loads, suspends and
+removals never interleave; I/O keeps running meanwhile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from typing import Any
+
+import pyfuse3
+import trio
+
+import targets  # noqa: F401  (registers the built-in targets)
+
+from . import client
+from .bio import Bio
+from .control import dispatch
+from .errors import DmError
+from .fuse_ops import DeviceFS
+from .manager import DeviceManager
+
+log = logging.getLogger(__name__)
+
+_PR_SET_IO_FLUSHER = 57
+MAX_REQUEST_BYTES = 16 << 20
+
+
+class StartupError(DmError):
+    pass
+
+
+def _set_io_flusher() -> None:
+    """Mark the daemon as an I/O flusher so memory reclaim does not recurse into it.
+
+    Loop devices on our files can otherwise deadlock under memory pressure.
+    Needs CAP_SYS_RESOURCE; without it we carry on.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.info("PR_SET_IO_FLUSHER not set: %s", os.strerror(ctypes.get_errno()))
+
+
+def _lazy_unmount(path: str) -> None:
+    cmds = [["fusermount3", "-u", "-z", path], ["umount", "-l", path]]
+    if os.geteuid() == 0:
+        cmds.reverse()
+    for cmd in cmds:
+        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+    raise StartupError(f"cannot unmount stale mount {path}; try 'fusermount3 -u -z {path}'")
+
+
+def prepare(mountpoint: str, sock_path: str) -> None:
+    """Step 1 of the life cycle: detect a running daemon, clean stale leftovers."""
+    reply = client.ping(sock_path)
+    if reply is not None:
+        pid = reply.get("data", {}).get("pid")
+        raise StartupError(f"a dmuser daemon (pid {pid}) is already running on {sock_path}")
+    if os.path.exists(sock_path) or os.path.islink(sock_path):
+        log.warning("removing stale control socket %s", sock_path)
+        os.unlink(sock_path)
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            log.warning("unmounting stale FUSE mount %s left by a dead daemon", mountpoint)
+            _lazy_unmount(mountpoint)
+        elif exc.errno != errno.ENOENT:
+            raise StartupError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if os.path.ismount(mountpoint):
+        raise StartupError(f"{mountpoint} is already a mount point (another dmuser daemon "
+                           f"with a different socket?); unmount it or choose --mountpoint")
+    os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+    if os.listdir(mountpoint):
+        raise StartupError(f"mountpoint {mountpoint} is not empty")
+    os.makedirs(os.path.dirname(os.path.abspath(sock_path)), mode=0o755, exist_ok=True)
+
+
+class Daemon:
+    def __init__(self, mountpoint: str, sock_path: str) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.sock_path = os.path.abspath(sock_path)
+        self.manager = DeviceManager(self.mountpoint)
+        self.fs = DeviceFS(self.manager)
+        self._verb_lock = trio.Lock()
+        self._stopping = False
+
+    def run(self, ready_fd: int | None = None) -> None:
+        """Mount, serve until told to stop, unmount.  Blocks."""
+        prepare(self.mountpoint, self.sock_path)
+        _set_io_flusher()
+        options = {"fsname=dmuser", "subtype=dmuser", "default_permissions"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(self.fs, self.mountpoint, options)
+        try:
+            trio.run(self._main, ready_fd)
+        except BaseException:
+            pyfuse3.close(unmount=True)
+            raise
+        else:
+            pyfuse3.close(unmount=True)
+        finally:
+            if os.path.exists(self.sock_path):
+                os.unlink(self.sock_path)
+        log.info("daemon stopped, %s unmounted", self.mountpoint)
+
+    async def _main(self, ready_fd: int | None) -> None:
+        async with trio.open_nursery() as nursery:
+            async def fuse_loop() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_loop)
+            await nursery.start(self._control_server)
+            nursery.start_soon(self._signal_watcher)
+            log.info("serving %s, control socket %s (pid %d)",
+                     self.mountpoint, self.sock_path, os.getpid())
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready\n")
+                os.close(ready_fd)
+
+    async def _signal_watcher(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("got %s", signal.Signals(signum).name)
+                await self.shutdown()
+                return
+
+    async def shutdown(self) -> None:
+        """Drain, flush, remove every device, stop the FUSE loop.  Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        async with self._verb_lock:
+            mgr = self.manager
+            for md in mgr:
+                await md.suspend()
+            for md in mgr:
+                if md.live is not None:
+                    try:
+                        await md.live.submit(Bio.flush())
+                    except DmError as exc:
+                        log.error("%s: final flush failed: %s", md.name, exc)
+            await mgr.remove_all()
+        pyfuse3.terminate()
+
+    # -- control socket -------------------------------------------------------------------
+
+    async def _control_server(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            await sock.bind(self.sock_path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._handle_connection, [listener])
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = bytearray()
+            while b"\n" not in buf and len(buf) < MAX_REQUEST_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                buf += data
+            reply = await self._answer(bytes(buf))
+            try:
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except trio.BrokenResourceError:
+                log.info("control client went away before the reply")
+
+    async def _answer(self, raw: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(raw)
+            if not isinstance(req, dict):
+                raise ValueError("request is not a JSON object")
+        except ValueError as exc:
+            return {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}
+        verb = req.get("verb")
+        try:
+            if verb == "shutdown":
+                trio.lowlevel.spawn_system_task(self.shutdown)
+                return {"ok": True, "output": "", "data": None}
+            if self._stopping:
+                raise DmError("the daemon is shutting down", errno.ESHUTDOWN)
+            async with self._verb_lock:
+                result = await dispatch(self.manager, req)
+            return {"ok": True, "output": result.output, "data": result.data}
+        except DmError as exc:
+            log.info("%s %s failed: %s", verb, req.get("name", ""), exc)
+            return {"ok": False, "errno": exc.errno, "error": exc.message}
+        except Exception as exc:
+            log.exception("internal error in verb %s", verb)
+            return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc!r}"}

@@ -1,0 +1,252 @@
+"""The FUSE face of the daemon: one directory, one regular file per mapped device.
+
+This is the only place where exceptions become ``pyfuse3.FUSEError``
+(:func:`_translate`): a :class:`DmError` keeps its errno, an ``OSError`` its
+errno, anything else is logged with its traceback and becomes EIO, so a bug
+fails one request instead of stopping the file system.
+
+Files are opened with ``direct_io``: the kernel page cache never hides what the
+targets do, and every read and write reaches us.  Byte ranges that do not start
+or end on a sector boundary are widened to whole sectors: reads read the whole
+sectors and return the slice; writes read the partial edge sectors, merge, and
+write whole sectors, all under a :class:`RangeLock` on the sectors touched, so
+concurrent writes to the same sector cannot undo each other.  Writes past the
+end of the device fail with ENOSPC, reads past it return nothing (EOF), as for a
+block device.  ``fsync`` and ``flush`` (close) send an empty flush through the
+table, which reaches every backing file as ``fdatasync`` before they return.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .bio import Bio
+from .errors import DmError
+from .manager import DeviceManager
+from .mapped_device import MappedDevice
+from .rangelock import RangeLock
+from .units import SECTOR_SHIFT, SECTOR_SIZE
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _translate(fn: F) -> F:
+    """Run a handler; turn every failure into FUSEError (the one error boundary)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DmError as exc:
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in FUSE handler %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Node:
+    """The FUSE inode of one mapped device."""
+
+    def __init__(self, inode: int, md: MappedDevice) -> None:
+        self.inode = inode
+        self.md = md
+        self.lock = RangeLock()
+        self.mtime_ns = time.time_ns()
+
+
+class DeviceFS(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`DeviceManager`."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, manager: DeviceManager) -> None:
+        super().__init__()
+        self.manager = manager
+        self._by_name: dict[str, _Node] = {}
+        self._by_inode: dict[int, _Node] = {}
+        self._handles: dict[int, _Node] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._next_fh = 1
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._start_ns = time.time_ns()
+        manager.on_change = self.sync_names
+
+    def sync_names(self) -> None:
+        """Mirror the manager's device set into the directory."""
+        for name in list(self._by_name):
+            node = self._by_name[name]
+            if self.manager.devices.get(name) is not node.md:
+                del self._by_name[name]
+                del self._by_inode[node.inode]
+        for name, md in self.manager.devices.items():
+            if name not in self._by_name:
+                node = _Node(self._next_inode, md)
+                self._next_inode += 1
+                self._by_name[name] = self._by_inode[node.inode] = node
+
+    # -- metadata -----------------------------------------------------------------------
+
+    def _attrs(self, node: _Node | None) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        if node is None:
+            entry.st_ino = ROOT_INODE
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+            entry.st_size = 0
+            mtime = self._start_ns
+        else:
+            entry.st_ino = node.inode
+            entry.st_mode = stat.S_IFREG | 0o600
+            entry.st_nlink = 1
+            entry.st_size = node.md.nr_sectors << SECTOR_SHIFT
+            mtime = node.mtime_ns
+        entry.st_uid, entry.st_gid = self._uid, self._gid
+        entry.st_blksize = 4096
+        entry.st_blocks = entry.st_size // 512
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
+        # Sizes change on table swaps: never let the kernel cache them.
+        entry.attr_timeout = 0
+        entry.entry_timeout = 0
+        entry.generation = 0
+        return entry
+
+    def _node(self, inode: int) -> _Node:
+        node = self._by_inode.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @_translate
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        if parent_inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._attrs(None)
+        node = self._by_name.get(os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(node)
+
+    @_translate
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attrs(None if inode == ROOT_INODE else self._node(inode))
+
+    @_translate
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        node = self._node(inode)
+        if fields.update_size and attr.st_size != node.md.nr_sectors << SECTOR_SHIFT:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a device's size comes from its table
+        return self._attrs(node)
+
+    @_translate
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ROOT_INODE
+
+    @_translate
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        nodes = sorted(self._by_name.items())
+        for i, (name, node) in enumerate(nodes[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), i):
+                break
+
+    @_translate
+    async def statfs(self, ctx: Any) -> Any:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = SECTOR_SIZE
+        st.f_blocks = sum(md.nr_sectors for md in self.manager.devices.values())
+        st.f_files = len(self._by_name)
+        st.f_namemax = 127
+        return st
+
+    # -- data ---------------------------------------------------------------------------
+
+    @_translate
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        node = self._node(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = node
+        node.md.open_count += 1
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+
+    @_translate
+    async def release(self, fh: int) -> None:
+        node = self._handles.pop(fh)
+        node.md.open_count -= 1
+
+    @_translate
+    async def flush(self, fh: int) -> None:
+        await self._handles[fh].md.flush()
+
+    @_translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handles[fh].md.flush()
+
+    @_translate
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        md = self._handles[fh].md
+        end = min(off + size, md.nr_sectors << SECTOR_SHIFT)
+        if off >= end:
+            return b""
+        first = off >> SECTOR_SHIFT
+        last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
+        buf = bytearray((last - first) << SECTOR_SHIFT)
+        await md.submit(Bio.read(first, buf))
+        skip = off - (first << SECTOR_SHIFT)
+        if skip == 0 and len(buf) == end - off:
+            return bytes(buf)
+        return bytes(memoryview(buf)[skip : skip + end - off])
+
+    @_translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._handles[fh]
+        md = node.md
+        dev_bytes = md.nr_sectors << SECTOR_SHIFT
+        if off >= dev_bytes and buf:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        data = memoryview(buf)[: dev_bytes - off]
+        end = off + len(data)
+        first = off >> SECTOR_SHIFT
+        last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
+        async with node.lock.hold(first, last):
+            if off & (SECTOR_SIZE - 1) == 0 and end & (SECTOR_SIZE - 1) == 0:
+                await md.submit(Bio.write(first, data))
+            else:
+                await self._write_unaligned(md, first, last, off, data)
+        node.mtime_ns = time.time_ns()
+        return len(data)
+
+    @staticmethod
+    async def _write_unaligned(md: MappedDevice, first: int, last: int, off: int,
+                               data: memoryview) -> None:
+        """Read-modify-write of the partial edge sectors (caller holds the range lock)."""
+        merged = bytearray((last - first) << SECTOR_SHIFT)
+        view = memoryview(merged)
+        skip = off - (first << SECTOR_SHIFT)
+        await md.submit(Bio.read(first, view[:SECTOR_SIZE]))
+        if last - 1 > first:
+            await md.submit(Bio.read(last - 1, view[-SECTOR_SIZE:]))
+        view[skip : skip + len(data)] = data
+        await md.submit(Bio.write(first, view))

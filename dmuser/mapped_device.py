@@ -1,0 +1,185 @@
+"""A mapped device: a name, a live table, an optional inactive table.
+
+Guarantees (see ``docs/suspend-resume.md``):
+
+* **Suspend** stops new bios at the door (they wait in :meth:`submit`), then
+  waits until every bio already inside the live table has completed.  When
+  ``suspend()`` returns nothing is in flight and nothing will start until
+  ``resume()``.
+* **Reload + resume** swaps tables atomically: a bio runs entirely against the
+  table that was live when it entered, and the swap happens only while
+  suspended and drained.  ``resume()`` with an inactive table suspends first if
+  needed, as ``dmsetup resume`` does.
+* A table's targets are closed only after the table has left service.
+
+State changes happen between checkpoints (trio is single-threaded), so the
+fields below need no lock: ``_suspended`` and ``live`` are read together
+without an intervening ``await`` in :meth:`submit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .bio import Bio
+from .blockdev import BlockDevice
+from .errors import DeviceBusyError, DmIOError, NoSuchDeviceError
+from .table import Table
+from .target import StatusType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    name: str
+    uuid: str
+    suspended: bool
+    live: bool
+    inactive: bool
+    open_count: int
+    event_nr: int
+    nr_targets: int
+    nr_sectors: int
+    path: str
+    in_flight: int
+
+
+class MappedDevice(BlockDevice):
+    """One dmuser device.  Also a :class:`BlockDevice`, so tables can stack on it."""
+
+    def __init__(self, name: str, uuid: str = "", path: str = "") -> None:
+        self.name = name
+        self.uuid = uuid
+        self.path = path
+        self.status_name = path or name
+        self.live: Table | None = None
+        self.inactive: Table | None = None
+        self.open_count = 0          # FUSE opens, changed by fuse_ops
+        self.holders = 0             # tables of other devices that use this one
+        self.event_nr = 0
+        self._suspended = False
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._in_flight = 0
+        self._drained: trio.Event | None = None
+        #: called after the live table changed size (FUSE invalidates the inode)
+        self.on_resize: Callable[[MappedDevice], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"MappedDevice({self.name!r})"
+
+    @property
+    def nr_sectors(self) -> int:
+        return self.live.nr_sectors if self.live else 0
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    async def submit(self, bio: Bio) -> None:
+        """Run ``bio`` through the live table; waits while the device is suspended."""
+        while self._suspended:
+            await self._resumed.wait()
+        table = self.live
+        if table is None:
+            raise DmIOError(f"{self.name}: no live table", 6)  # ENXIO
+        self._in_flight += 1
+        try:
+            await table.submit(bio)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._drained is not None:
+                self._drained.set()
+
+    async def wait_drained(self) -> None:
+        while self._in_flight:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        self._drained = None
+
+    # -- table life cycle ---------------------------------------------------------------
+
+    async def load(self, table: Table) -> None:
+        """Install ``table`` as the inactive table (``dmsetup reload``)."""
+        old, self.inactive = self.inactive, table
+        if old is not None:
+            await old.close()
+
+    async def clear(self) -> None:
+        """Drop the inactive table (``dmsetup clear``)."""
+        old, self.inactive = self.inactive, None
+        if old is not None:
+            await old.close()
+
+    async def suspend(self) -> None:
+        """Hold new I/O, drain I/O in flight, run the suspend hooks.  Idempotent."""
+        if self._suspended:
+            return
+        self._suspended = True
+        self._resumed = trio.Event()
+        table = self.live
+        if table is not None:
+            for target in table.targets:
+                await target.presuspend()
+        await self.wait_drained()
+        if table is not None:
+            for target in table.targets:
+                await target.postsuspend()
+
+    async def resume(self) -> None:
+        """Swap in the inactive table if there is one, run resume hooks, release I/O."""
+        if self.inactive is None and not self._suspended:
+            return
+        if self.inactive is not None:
+            if self.live is None:
+                self._suspended = True
+                self._resumed = trio.Event()
+            await self.suspend()
+            old_size = self.nr_sectors
+            old, self.live, self.inactive = self.live, self.inactive, None
+            if old is not None:
+                await old.close()
+            if old is not None and old_size != self.nr_sectors and self.on_resize:
+                self.on_resize(self)
+        assert self.live is not None
+        for target in self.live.targets:
+            await target.preresume()
+        for target in self.live.targets:
+            await target.resume()
+        self._suspended = False
+        self._resumed.set()
+
+    async def close(self) -> None:
+        """Destroy both tables.  The device must not be in use."""
+        if self.holders:
+            raise DeviceBusyError(f"{self.name}: device is in use by another mapped device")
+        await self.suspend()
+        for table in (self.inactive, self.live):
+            if table is not None:
+                await table.close()
+        self.live = self.inactive = None
+        self._suspended = False
+        self._resumed.set()  # waiters wake and find no table: ENXIO
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def table_lines(self, kind: StatusType, inactive: bool = False) -> list[str]:
+        table = self.inactive if inactive else self.live
+        if table is None:
+            raise NoSuchDeviceError(f"{self.name}: no {'inactive' if inactive else 'live'} table")
+        return table.lines(kind)
+
+    def info(self) -> DeviceInfo:
+        return DeviceInfo(
+            name=self.name, uuid=self.uuid, suspended=self._suspended,
+            live=self.live is not None, inactive=self.inactive is not None,
+            open_count=self.open_count, event_nr=self.event_nr,
+            nr_targets=len(self.live.targets) if self.live else 0,
+            nr_sectors=self.nr_sectors, path=self.path, in_flight=self._in_flight)
