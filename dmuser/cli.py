@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shutdown", help="stop the daemon (drain, flush, unmount)")
     _add_socket(p)
+
+    sub.add_parser("demo", help="run the end-to-end demo on temporary images")
     return parser
 
 
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "serve":
         return _serve(args)
+    if args.verb == "demo":
+        from . import demo
+
+        return demo.main()
     sock = args.socket or paths.default_socket()
     where = " ".join(filter(None, [args.verb, getattr(args, "name", None)]))
     try:
