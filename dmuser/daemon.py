@@ -13,8 +13,11 @@ Life cycle (``docs/daemon.md``):
    loop, unmounts and exits 0.  Data acknowledged by an ``fsync`` is durable
    before that, and writes that were acknowledged are durable after it.
 
-Control verbs run one at a time (``_verb_lock``), so table loads, suspends and
-removals never interleave; I/O keeps running meanwhile.
+Verbs that change the namespace or build tables (create, reload, clear,
+remove) run one at a time under ``_namespace_lock``, so device resolution and
+holder counts never interleave.  Suspend and resume take only the device's own
+lock (``mapped_device.py``): a suspend waiting for I/O to drain must not stop
+a resume of the device that I/O is waiting on.  I/O never takes these locks.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_IO_FLUSHER = 57
 MAX_REQUEST_BYTES = 16 << 20
+NAMESPACE_VERBS = frozenset({"create", "reload", "clear", "remove"})
 
 
 class StartupError(DmError):
@@ -104,7 +108,7 @@ class Daemon:
         self.sock_path = os.path.abspath(sock_path)
         self.manager = DeviceManager(self.mountpoint)
         self.fs = DeviceFS(self.manager)
-        self._verb_lock = trio.Lock()
+        self._namespace_lock = trio.Lock()
         self._stopping = False
 
     def run(self, ready_fd: int | None = None) -> None:
@@ -154,7 +158,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
-        async with self._verb_lock:
+        async with self._namespace_lock:
             mgr = self.manager
             for md in mgr:
                 await md.suspend()
@@ -209,7 +213,10 @@ class Daemon:
                 return {"ok": True, "output": "", "data": None}
             if self._stopping:
                 raise DmError("the daemon is shutting down", errno.ESHUTDOWN)
-            async with self._verb_lock:
+            if verb in NAMESPACE_VERBS:
+                async with self._namespace_lock:
+                    result = await dispatch(self.manager, req)
+            else:
                 result = await dispatch(self.manager, req)
             return {"ok": True, "output": result.output, "data": result.data}
         except DmError as exc:

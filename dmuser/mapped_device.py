@@ -13,8 +13,11 @@ Guarantees (see ``docs/suspend-resume.md``):
 * A table's targets are closed only after the table has left service.
 
 State changes happen between checkpoints (trio is single-threaded), so the
-fields below need no lock: ``_suspended`` and ``live`` are read together
-without an intervening ``await`` in :meth:`submit`.
+I/O path needs no lock: ``_suspended`` and ``live`` are read together without
+an intervening ``await`` in :meth:`submit`.  State changes (load, clear,
+suspend, resume, close) take the device's own ``_state_lock``, so two clients
+cannot interleave a suspend with a resume of the same device, while verbs on
+other devices (say, resuming the device this one is stacked on) still run.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class MappedDevice(BlockDevice):
         self._resumed.set()
         self._in_flight = 0
         self._drained: trio.Event | None = None
+        self._state_lock = trio.Lock()
         #: called after the live table changed size (FUSE invalidates the inode)
         self.on_resize: Callable[[MappedDevice], None] | None = None
 
@@ -108,18 +112,24 @@ class MappedDevice(BlockDevice):
 
     async def load(self, table: Table) -> None:
         """Install ``table`` as the inactive table (``dmsetup reload``)."""
-        old, self.inactive = self.inactive, table
-        if old is not None:
-            await old.close()
+        async with self._state_lock:
+            old, self.inactive = self.inactive, table
+            if old is not None:
+                await old.close()
 
     async def clear(self) -> None:
         """Drop the inactive table (``dmsetup clear``)."""
-        old, self.inactive = self.inactive, None
-        if old is not None:
-            await old.close()
+        async with self._state_lock:
+            old, self.inactive = self.inactive, None
+            if old is not None:
+                await old.close()
 
     async def suspend(self) -> None:
         """Hold new I/O, drain I/O in flight, run the suspend hooks.  Idempotent."""
+        async with self._state_lock:
+            await self._suspend()
+
+    async def _suspend(self) -> None:
         if self._suspended:
             return
         self._suspended = True
@@ -135,13 +145,17 @@ class MappedDevice(BlockDevice):
 
     async def resume(self) -> None:
         """Swap in the inactive table if there is one, run resume hooks, release I/O."""
+        async with self._state_lock:
+            await self._resume()
+
+    async def _resume(self) -> None:
         if self.inactive is None and not self._suspended:
             return
         if self.inactive is not None:
             if self.live is None:
                 self._suspended = True
                 self._resumed = trio.Event()
-            await self.suspend()
+            await self._suspend()
             old_size = self.nr_sectors
             old, self.live, self.inactive = self.live, self.inactive, None
             if old is not None:
@@ -160,13 +174,14 @@ class MappedDevice(BlockDevice):
         """Destroy both tables.  The device must not be in use."""
         if self.holders:
             raise DeviceBusyError(f"{self.name}: device is in use by another mapped device")
-        await self.suspend()
-        for table in (self.inactive, self.live):
-            if table is not None:
-                await table.close()
-        self.live = self.inactive = None
-        self._suspended = False
-        self._resumed.set()  # waiters wake and find no table: ENXIO
+        async with self._state_lock:
+            await self._suspend()
+            for table in (self.inactive, self.live):
+                if table is not None:
+                    await table.close()
+            self.live = self.inactive = None
+            self._suspended = False
+            self._resumed.set()  # waiters wake and find no table: ENXIO
 
     # -- reporting ----------------------------------------------------------------------
 
