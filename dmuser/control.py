@@ -69,22 +69,16 @@ async def reload(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     return Reply()
 
 
-@verb("clear")
-async def clear(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    await mgr.get(req["name"]).clear()
-    return Reply()
+def _state_verb(method: str) -> Verb:
+    """A verb that calls one state-changing method of the named device."""
+    async def run(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+        await getattr(mgr.get(req["name"]), method)()
+        return Reply()
+    return run
 
 
-@verb("suspend")
-async def suspend(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    await mgr.get(req["name"]).suspend()
-    return Reply()
-
-
-@verb("resume")
-async def resume(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    await mgr.get(req["name"]).resume()
-    return Reply()
+for _name in ("clear", "suspend", "resume"):
+    VERBS[_name] = _state_verb(_name)
 
 
 @verb("ls")
