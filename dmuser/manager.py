@@ -40,6 +40,21 @@ def check_name(name: str) -> None:
                          "characters, no '/'")
 
 
+def _block_device_path(maj_min: str) -> str:
+    """The /dev node of block device ``MAJ:MIN`` (udev's link, else sysfs's DEVNAME)."""
+    link = f"/dev/block/{maj_min}"
+    if os.path.exists(link):
+        return link
+    try:
+        with open(f"/sys/dev/block/{maj_min}/uevent") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return "/dev/" + line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    raise NoSuchDeviceError(f"no block device {maj_min}")
+
+
 class DeviceManager:
     """Owns every mapped device and every open backing device of one daemon."""
 
@@ -88,10 +103,7 @@ class DeviceManager:
             dev: BlockDevice
             match = _MAJ_MIN.match(word)
             if match:
-                path = f"/dev/block/{match[1]}:{match[2]}"
-                if not os.path.exists(path):
-                    raise NoSuchDeviceError(f"no block device {word}")
-                return self._open_backing(path)
+                return self._open_backing(_block_device_path(word))
             if "/" not in word and word in self.devices:
                 dev = self._lookup_mapped(word, for_device)
             else:
