@@ -1,0 +1,435 @@
+"""kcopyd: copy a region to up to 8 others, or zero them (the kernel's ``dm-kcopyd.c``).
+
+Snapshot copy-out, snapshot merge and mirror resync use it.  All I/O goes
+through :mod:`dmuser.dm_io` (asynchronous form, so no REQ_SYNC, as in the kernel).
+
+Guarantees:
+
+* **Splitting.**  A job of at most ``sub_job_size`` sectors is one read, then
+  one dm-io write to every destination.  A larger job runs ``split_count``
+  sub-jobs, each taking the next slice of at most ``sub_job_size`` sectors until
+  none is left; slices may complete out of order.  Destination counts are
+  ignored (as in the kernel): every destination receives the source's count.
+* **Errors.**  ``read_err`` is True if any read failed; ``write_err`` is the OR
+  of dm-io's per-destination bits (bit i = ``dests[i]``).  After the first error
+  no new slice is started unless IGNORE_ERROR is set; without it a failed read
+  slice is not written.  With IGNORE_ERROR a failed read slice (zero-filled by
+  dm-io) is written as zeros and the errors are still reported.
+* **WRITE_SEQ** cancels IGNORE_ERROR.  Slice writes happen strictly in
+  ascending order: a slice's write starts only after the previous slice's write
+  has *completed* (stronger than the kernel, which only issues them in order,
+  because trio tasks and I/O threads do not keep submission order).  Once a
+  slice failed, later slices end without writing.
+* **Callbacks** ``fn(read_err, write_err, context)`` run one at a time from the
+  client's single worker task, in completion order (no order between jobs).
+  A callback may return an awaitable, which the worker awaits before running
+  the next callback, so it must not wait for another job of the same client.
+  An exception from a callback propagates out of the client's ``async with``.
+* **Memory.**  Each copy sub-job holds ``ceil(count / 8)`` pages of the
+  client's pool (taken before the slice, so sub-jobs never wait for pages while
+  holding a slice another one waits on); a sub-job larger than the pool runs
+  alone.  Zeroing uses a shared zero buffer and takes no pages.
+* **Lifetime / cancellation.**  Leaving ``async with KcopydClient()`` normally
+  waits for every job and its callback (dm_kcopyd_client_destroy), including
+  jobs started by callbacks.  If the block raises or is cancelled, jobs in
+  progress are cancelled and their callbacks never run; bios already inside a
+  device still finish (``blockdev`` never abandons a started write).
+  Cancelling :meth:`KcopydClient.copy_wait` does not stop the job.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from .bio import Op, ReqFlag
+from .dm_io import BufferMem, DmIoClient, IoRequest, PagePool, Region, dm_io
+from .units import SECTOR_SHIFT, pages_for
+
+MAX_DESTS = 8
+DEFAULT_SUB_JOB_SIZE = 1024
+MAX_SUB_JOB_SIZE = 2048
+SPLIT_COUNT = 8
+
+#: ``fn(read_err, write_err, context)``; may return an awaitable.
+CopyNotifyFn = Callable[[bool, int, Any], "Awaitable[None] | None"]
+
+
+class KcopydFlag(enum.IntFlag):
+    """Values of ``flags`` (the kernel's bit numbers 1 and 2, shifted)."""
+
+    NONE = 0
+    IGNORE_ERROR = 1 << 1
+    WRITE_SEQ = 1 << 2
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    read_err: bool
+    write_err: int
+
+
+@dataclass(frozen=True, slots=True)
+class KcopydStatistics:
+    jobs_done: int
+    jobs_in_flight: int
+    #: Source sectors whose write reached every destination without error.
+    sectors_copied: int
+    nr_pages: int
+    pages_in_use: int
+    throttle_sleeps: int
+
+
+class KcopydThrottle:
+    """Limit the fraction of time a client has I/O outstanding (kernel §6.7).
+
+    ``percent`` >= 100 means unlimited and may be changed at any time, like the
+    kernel's module parameters; one throttle may be shared by several clients.
+    Before each I/O, while ``io_period - percent * total_period / 100 > 0`` it
+    sleeps :attr:`SLEEP` seconds, at most :attr:`MAX_SLEEPS` times.  Both
+    periods are halved whenever the total reaches :attr:`INTERVAL`.  It only
+    delays I/O, never fails it.
+    """
+
+    INTERVAL = 1.0
+    SLEEP = 0.1
+    MAX_SLEEPS = 10
+
+    def __init__(self, percent: int = 100) -> None:
+        self.percent = percent
+        #: How many times this throttle has slept (statistics).
+        self.sleeps = 0
+        self._io_period = 0.0
+        self._total_period = 0.0
+        self._last: float | None = None
+        self._nr_io = 0
+
+    def _account(self, busy: bool) -> None:
+        now = trio.current_time()
+        diff = 0.0 if self._last is None else now - self._last
+        self._last = now
+        if busy:
+            self._io_period += diff
+        self._total_period += diff
+        self._io_period = min(self._io_period, self._total_period)
+        while self._total_period >= self.INTERVAL:
+            self._total_period /= 2
+            self._io_period /= 2
+
+    async def io_start(self) -> None:
+        """Call before issuing an I/O: sleeps while over budget (a checkpoint if it sleeps)."""
+        for _ in range(self.MAX_SLEEPS):
+            if self.percent >= 100:
+                break
+            self._account(self._nr_io > 0)
+            if self._io_period - self.percent * self._total_period / 100 <= 0:
+                break
+            self.sleeps += 1
+            await trio.sleep(self.SLEEP)
+        self._nr_io += 1
+
+    def io_finish(self) -> None:
+        """Call when that I/O completed; the busy time is charged when none is left."""
+        self._nr_io -= 1
+        if self.percent < 100 and self._nr_io == 0:
+            self._account(True)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One copy/zero job, shared by its sub-jobs (all fields change between checkpoints)."""
+
+    src: Region | None
+    dests: tuple[Region, ...]
+    count: int
+    flags: KcopydFlag
+    write_op: Op
+    fn: CopyNotifyFn
+    context: Any
+    progress: int = 0
+    read_err: bool = False
+    write_err: int = 0
+    seq_offset: int = 0  # WRITE_SEQ: offset of the next slice allowed to write
+    seq_stop: int | None = None  # WRITE_SEQ: offset of the first failed slice
+    seq_changed: trio.Event = field(default_factory=trio.Event)
+    done: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        failed = self.read_err or bool(self.write_err)
+        return failed and not self.flags & KcopydFlag.IGNORE_ERROR
+
+    def seq_blocked(self, offset: int) -> bool:
+        """WRITE_SEQ: a slice before ``offset`` failed, so this one must not write."""
+        return self.seq_stop is not None and offset > self.seq_stop
+
+    def seq_advance(self, offset: int, next_offset: int | None) -> None:
+        """WRITE_SEQ: the slice at ``offset`` is done; None means it failed."""
+        if next_offset is None:
+            self.seq_stop = offset if self.seq_stop is None else min(self.seq_stop, offset)
+        else:
+            self.seq_offset = next_offset
+        self.seq_changed.set()
+        self.seq_changed = trio.Event()
+
+
+class PreparedCallback:
+    """A callback-only job (dm_kcopyd_prepare_callback); fire it with :meth:`do_callback`."""
+
+    def __init__(self, kc: KcopydClient, job: _Job) -> None:
+        self._kc, self._job = kc, job
+
+    def do_callback(self, read_err: bool = False, write_err: int = 0) -> None:
+        """Run the callback from the client's worker with these errors; sync, at most once."""
+        if self._job.done:
+            raise RuntimeError("do_callback called twice")
+        self._job.read_err, self._job.write_err = read_err, write_err
+        self._kc._complete(self._job)
+
+
+class KcopydClient:
+    """A kcopyd client: page pool, dm-io client, job nursery and callback worker.
+
+    Args:
+        nr_pages: pages bounding copy memory; default enough for one sub-job.
+        sub_job_size: slice size in sectors; 0 means the default (1024), values
+            above 2048 are clamped, as the kernel does with its module parameter.
+        split_count: sub-jobs per large job.
+        throttle: a percentage or a (shareable) :class:`KcopydThrottle`.
+        io_reserved_pages: the reservation of the client's own dm-io client
+            (default :data:`dmuser.dm_io.DEFAULT_RESERVED_PAGES`).
+    """
+
+    def __init__(
+        self, nr_pages: int | None = None, *, sub_job_size: int = DEFAULT_SUB_JOB_SIZE,
+        split_count: int = SPLIT_COUNT, throttle: KcopydThrottle | int | None = None,
+        io_reserved_pages: int | None = None,
+    ) -> None:
+        if sub_job_size < 0 or split_count < 1:
+            raise ValueError("sub_job_size must be >= 0 and split_count >= 1")
+        self.sub_job_size = min(sub_job_size or DEFAULT_SUB_JOB_SIZE, MAX_SUB_JOB_SIZE)
+        self.split_count = split_count
+        self._pages = PagePool(pages_for(self.sub_job_size) if nr_pages is None else nr_pages)
+        self.throttle = throttle if isinstance(throttle, KcopydThrottle) else \
+            KcopydThrottle(100 if throttle is None else throttle)
+        self._io_client = DmIoClient() if io_reserved_pages is None else \
+            DmIoClient(io_reserved_pages)
+        self._zeros = memoryview(bytes(self.sub_job_size << SECTOR_SHIFT))
+        self._nursery: trio.Nursery | None = None
+        self._send: trio.MemorySendChannel[_Job] | None = None
+        self._nr_jobs = 0  # jobs started whose callback has not finished
+        self._idle = trio.Event()
+        self._jobs_done = 0
+        self._sectors_copied = 0
+        self._cm: Any = None
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[None]:
+        self._nr_jobs = 0  # jobs cancelled by an earlier failed exit never called back
+        async with self._io_client, trio.open_nursery() as nursery:
+            send, recv = trio.open_memory_channel[_Job](math.inf)
+            nursery.start_soon(self._worker, recv)
+            self._nursery, self._send = nursery, send
+            try:
+                yield
+                while self._nr_jobs:
+                    await self._idle.wait()
+            finally:
+                self._nursery = None
+                send.close()
+
+    async def __aenter__(self) -> KcopydClient:
+        if self._cm is not None:
+            raise RuntimeError("KcopydClient entered twice")
+        self._cm = self._lifetime()
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        cm, self._cm = self._cm, None
+        return await cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    async def _worker(self, recv: trio.MemoryReceiveChannel[_Job]) -> None:
+        """The single task that runs every callback of this client."""
+        async for job in recv:
+            try:
+                result = job.fn(job.read_err, job.write_err, job.context)
+                if inspect.isawaitable(result):
+                    await result
+            finally:
+                self._jobs_done += 1
+                self._nr_jobs -= 1
+                if not self._nr_jobs:
+                    self._idle.set()
+                    self._idle = trio.Event()
+
+    def _complete(self, job: _Job) -> None:
+        job.done = True
+        if self._send is not None and self._nursery is not None:
+            self._send.send_nowait(job)
+
+    def _running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("KcopydClient is not running (use async with)")
+        return self._nursery
+
+    def statistics(self) -> KcopydStatistics:
+        pool = self._pages.statistics()
+        return KcopydStatistics(self._jobs_done, self._nr_jobs, self._sectors_copied,
+                                pool.nr_pages, pool.pages_in_use, self.throttle.sleeps)
+
+    def copy(self, src: Region, dests: Sequence[Region], flags: KcopydFlag | int,
+             fn: CopyNotifyFn, context: Any = None) -> None:
+        """Copy ``src`` to every destination (dm_kcopyd_copy); returns at once.
+
+        Raises:
+            ValueError: no destination or more than 8.
+            RuntimeError: the client is not entered.
+        """
+        self._submit(_Job(src, tuple(dests), src.count, KcopydFlag(flags), Op.WRITE, fn, context))
+
+    def zero(self, dests: Sequence[Region], flags: KcopydFlag | int, fn: CopyNotifyFn,
+             context: Any = None) -> None:
+        """Zero ``dests[0].count`` sectors of every destination (dm_kcopyd_zero).
+
+        Uses WRITE_ZEROES when every destination device supports it, otherwise
+        WRITE of zeros.  ``read_err`` is always False.
+        """
+        dests = tuple(dests)
+        if not dests:
+            raise ValueError("kcopyd needs at least one destination")
+        op = Op.WRITE_ZEROES if all(d.dev.supports_write_zeroes for d in dests) else Op.WRITE
+        self._submit(_Job(None, dests, dests[0].count, KcopydFlag(flags), op, fn, context))
+
+    async def copy_wait(self, src: Region, dests: Sequence[Region],
+                        flags: KcopydFlag | int = KcopydFlag.NONE) -> CopyResult:
+        """:meth:`copy` and wait for its callback; cancelling does not stop the job."""
+        return await self._wait(lambda fn: self.copy(src, dests, flags, fn))
+
+    async def zero_wait(self, dests: Sequence[Region],
+                        flags: KcopydFlag | int = KcopydFlag.NONE) -> CopyResult:
+        """:meth:`zero` and wait for its callback."""
+        return await self._wait(lambda fn: self.zero(dests, flags, fn))
+
+    def prepare_callback(self, fn: CopyNotifyFn, context: Any = None) -> PreparedCallback:
+        """A job with no I/O whose callback runs in the worker when fired.
+
+        Counts as a job in flight until its callback has run, so the client's
+        exit waits for it: fire every prepared callback.
+        """
+        self._running()
+        self._nr_jobs += 1
+        return PreparedCallback(self, _Job(None, (), 0, KcopydFlag.NONE, Op.WRITE, fn, context))
+
+    async def _wait(self, start: Callable[[CopyNotifyFn], None]) -> CopyResult:
+        done = trio.Event()
+        results: list[CopyResult] = []
+
+        def fn(read_err: bool, write_err: int, _context: Any) -> None:
+            results.append(CopyResult(read_err, write_err))
+            done.set()
+
+        start(fn)
+        await done.wait()
+        return results[0]
+
+    def _submit(self, job: _Job) -> None:
+        nursery = self._running()
+        if not 1 <= len(job.dests) <= MAX_DESTS:
+            raise ValueError(f"kcopyd takes 1 to {MAX_DESTS} destinations, not {len(job.dests)}")
+        if job.flags & KcopydFlag.WRITE_SEQ:
+            job.flags &= ~KcopydFlag.IGNORE_ERROR
+        self._nr_jobs += 1
+        if job.count == 0:
+            self._complete(job)
+        else:
+            nursery.start_soon(self._run_job, job)
+
+    async def _run_job(self, job: _Job) -> None:
+        if job.count <= self.sub_job_size:
+            await self._sub_job(job)
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.split_count):
+                    nursery.start_soon(self._sub_job, job)
+        self._complete(job)
+
+    async def _sub_job(self, job: _Job) -> None:
+        """Take slices until none is left or the job stopped on an error."""
+        want = pages_for(min(self.sub_job_size, job.count)) if job.src is not None else 0
+        while job.progress < job.count and not job.stopped:
+            # Pages first, then the slice: a sub-job never holds a slice while
+            # waiting for pages, so WRITE_SEQ cannot deadlock on the pool.
+            if want:
+                await self._pages.acquire(want)
+            held = want
+            try:
+                if job.progress >= job.count or job.stopped:
+                    return
+                offset = job.progress
+                n = min(self.sub_job_size, job.count - offset)
+                job.progress += n
+                if job.src is not None and pages_for(n) < held:
+                    self._pages.release(held - pages_for(n))
+                    held = pages_for(n)
+                await self._slice(job, offset, n)
+            finally:
+                if held:
+                    self._pages.release(held)
+
+    async def _slice(self, job: _Job, offset: int, n: int) -> None:
+        """Read one slice (unless zeroing), then write it to every destination."""
+        seq = bool(job.flags & KcopydFlag.WRITE_SEQ)
+        mem: BufferMem | None = None
+        if job.src is not None:
+            buf = memoryview(bytearray(n << SECTOR_SHIFT))
+            read = Region(job.src.dev, job.src.sector + offset, n)
+            if await self._io(IoRequest(Op.READ, ReqFlag.NONE, BufferMem(buf)), [read]):
+                job.read_err = True
+                if not job.flags & KcopydFlag.IGNORE_ERROR:
+                    if seq:
+                        job.seq_advance(offset, None)
+                    return
+            mem = BufferMem(buf)
+        elif job.write_op is Op.WRITE:
+            mem = BufferMem(self._zeros[: n << SECTOR_SHIFT])
+        if seq:
+            while job.seq_offset != offset and not job.seq_blocked(offset):
+                await job.seq_changed.wait()
+            if job.seq_blocked(offset):
+                return
+        regions = [Region(d.dev, d.sector + offset, n) for d in job.dests]
+        error_bits = await self._io(IoRequest(job.write_op, ReqFlag.NONE, mem), regions)
+        job.write_err |= error_bits
+        if not error_bits:
+            self._sectors_copied += n
+        if seq:
+            job.seq_advance(offset, None if error_bits else offset + n)
+
+    async def _io(self, req: IoRequest, regions: list[Region]) -> int:
+        """One throttled asynchronous dm-io request; returns its error bits."""
+        done = trio.Event()
+        result = [0]
+
+        def notify(error_bits: int, _context: Any) -> None:
+            result[0] = error_bits
+            done.set()
+
+        await self.throttle.io_start()
+        try:
+            await dm_io(self._io_client, replace(req, notify_fn=notify), regions)
+            await done.wait()
+        finally:
+            self.throttle.io_finish()
+        return result[0]
