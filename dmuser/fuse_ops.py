@@ -14,6 +14,10 @@ concurrent writes to the same sector cannot undo each other.  Writes past the
 end of the device fail with ENOSPC, reads past it return nothing (EOF), as for a
 block device.  ``fsync`` and ``flush`` (close) send an empty flush through the
 table, which reaches every backing file as ``fdatasync`` before they return.
+A close while the device is suspended does not flush (it would wait for the
+resume, and every fork+exec of a process holding the file open closes it).
+A handle still open on a device removed with ``--force`` fails reads, writes
+and fsync with ENXIO; closing it succeeds.
 """
 
 from __future__ import annotations
@@ -196,17 +200,34 @@ class DeviceFS(pyfuse3.Operations):
         node = self._handles.pop(fh)
         node.md.open_count -= 1
 
+    def _open_node(self, fh: int) -> _Node:
+        """The node of an open handle; ENXIO once its device was removed (``--force``)."""
+        node = self._handles[fh]
+        if self._by_inode.get(node.inode) is not node:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return node
+
     @_translate
     async def flush(self, fh: int) -> None:
-        await self._handles[fh].md.flush()
+        node = self._handles[fh]
+        if self._by_inode.get(node.inode) is not node:
+            return  # removed with --force: nothing left to flush
+        if node.md.suspended:
+            # FUSE sends FLUSH on *every* close of a descriptor, including the
+            # close-on-exec of an inherited one in a forked child.  Waiting for
+            # resume here would hang any process that holds the device open and
+            # runs a program (such as 'dmuser resume') while it is suspended.
+            # Close promises no durability (fsync does), as for a block device.
+            return
+        await node.md.flush()
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._handles[fh].md.flush()
+        await self._open_node(fh).md.flush()
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        md = self._handles[fh].md
+        md = self._open_node(fh).md
         end = min(off + size, md.nr_sectors << SECTOR_SHIFT)
         if off >= end:
             return b""
@@ -221,7 +242,7 @@ class DeviceFS(pyfuse3.Operations):
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self._handles[fh]
+        node = self._open_node(fh)
         md = node.md
         dev_bytes = md.nr_sectors << SECTOR_SHIFT
         if off >= dev_bytes and buf:
