@@ -107,8 +107,6 @@ def _read_table(args: argparse.Namespace) -> str | None:
     if getattr(args, "notable", False):
         return None
     if args.table is not None:
-        if args.table_file is not None:
-            raise DmError("give either --table or a table file, not both")
         return str(args.table).replace(";", "\n")
     if args.table_file not in (None, "-"):
         try:
@@ -173,7 +171,12 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "table", None) is not None and getattr(args, "table_file", None) is not None:
+        parser.error("give either --table or a table file, not both")
+    if getattr(args, "notable", False) and (args.table is not None or args.table_file is not None):
+        parser.error("--notable takes no table")
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "demo":

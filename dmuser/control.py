@@ -148,7 +148,9 @@ async def message(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     if not words:
         raise TableError("Empty message received.")
     sector = parse_uint(str(req.get("sector", "")))
-    if sector is None or md.live is None or sector >= md.nr_sectors:
+    if sector is None:
+        raise TableError("Invalid target message parameters.")
+    if md.live is None or sector >= md.nr_sectors:
         raise TableError("Target message sector outside device.")
     result = await md.live.target_at(sector).message(words)
     return Reply(result + "\n" if result else "")
