@@ -159,7 +159,11 @@ class DeviceManager:
         if table_text is not None:
             table = await self.build_table(md, table_text, cwd)
             await md.load(table)
-            await md.resume()
+            try:
+                await md.resume()
+            except BaseException:
+                await md.close()
+                raise
         self.devices[name] = md
         self._changed()
         return md
@@ -181,6 +185,9 @@ class DeviceManager:
         """Remove every device, users before the devices they stack on."""
         while self.devices:
             free = [md for md in self.devices.values() if not md.holders]
+            if not free:
+                raise DeviceBusyError("cannot remove the remaining devices, each is held: "
+                                      + ", ".join(sorted(self.devices)))
             for md in free:
                 await self.remove(md.name, force=True)
 

@@ -23,14 +23,13 @@ other devices (say, resuming the device this one is stacked on) still run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from .bio import Bio
 from .blockdev import BlockDevice
-from .errors import DeviceBusyError, DmIOError, NoSuchDeviceError
+from .errors import DeviceBusyError, DmError, DmIOError, NoSuchDeviceError
 from .table import Table
 from .target import StatusType
 
@@ -71,8 +70,6 @@ class MappedDevice(BlockDevice):
         self._in_flight = 0
         self._drained: trio.Event | None = None
         self._state_lock = trio.Lock()
-        #: called after the live table changed size (FUSE invalidates the inode)
-        self.on_resize: Callable[[MappedDevice], None] | None = None
 
     def __repr__(self) -> str:
         return f"MappedDevice({self.name!r})"
@@ -151,22 +148,26 @@ class MappedDevice(BlockDevice):
     async def _resume(self) -> None:
         if self.inactive is None and not self._suspended:
             return
+        old: Table | None = None
         if self.inactive is not None:
             if self.live is None:
                 self._suspended = True
                 self._resumed = trio.Event()
             await self._suspend()
-            old_size = self.nr_sectors
             old, self.live, self.inactive = self.live, self.inactive, None
+        try:
+            if self.live is None:  # suspended without ever having a table: dm_resume's -EINVAL
+                raise DmError(f"{self.name}: no table to resume")
+            for target in self.live.targets:
+                await target.preresume()
+            for target in self.live.targets:
+                await target.resume()
+        finally:
+            # As the kernel's do_resume: the old table is destroyed only after the
+            # new one's resume hooks ran (snapshot handover looks at it), even if
+            # they failed.
             if old is not None:
                 await old.close()
-            if old is not None and old_size != self.nr_sectors and self.on_resize:
-                self.on_resize(self)
-        assert self.live is not None
-        for target in self.live.targets:
-            await target.preresume()
-        for target in self.live.targets:
-            await target.resume()
         self._suspended = False
         self._resumed.set()
 

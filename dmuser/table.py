@@ -131,10 +131,10 @@ class Table:
             for dev in ti.devices:
                 self._release_fn(dev)
             raise
+        self.targets.append(target)  # from here on, close() destroys it and releases its devices
+        self._ends.append(spec.start + spec.length)
         if ti.max_io_len > U32_MAX:
             raise TableError(f"{where}: Maximum size of target IO is too large")
-        self.targets.append(target)
-        self._ends.append(spec.start + spec.length)
 
     def _check_devices(self) -> None:
         for target in self.targets:
@@ -146,14 +146,23 @@ class Table:
                         f"start={start}, len={nr}, dev_size={size}")
 
     async def close(self) -> None:
-        """Destroy every target and release its devices.  Idempotent."""
+        """Destroy every target and release its devices.  Idempotent.
+
+        Every target is closed and every device released even if a destructor
+        fails; the first failure is raised afterwards.
+        """
         targets, self.targets, self._ends = self.targets, [], []
+        first_error: BaseException | None = None
         for target in reversed(targets):
             try:
                 await target.close()
+            except Exception as exc:
+                first_error = first_error or exc
             finally:
                 for dev in target.ti.devices:
                     self._release_fn(dev)
+        if first_error is not None:
+            raise first_error
 
     def devices(self) -> list[BlockDevice]:
         return [dev for t in self.targets for dev in t.ti.devices]
