@@ -133,6 +133,8 @@ class Daemon:
 
     async def _main(self, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
+            self.manager.service_nursery = nursery
+
             async def fuse_loop() -> None:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

@@ -22,10 +22,12 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+import trio
+
 from .blockdev import BlockDevice, FileDevice
 from .errors import DeviceBusyError, DeviceExistsError, NoSuchDeviceError, TableError
 from .mapped_device import MappedDevice
-from .table import Table, parse_table
+from .table import Table, TargetServices, parse_table
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class DeviceManager:
         self._backing: dict[tuple[int, ...], tuple[FileDevice, int]] = {}
         #: called when a device appears or disappears (the FUSE layer listens)
         self.on_change: Callable[[], None] | None = None
+        #: where targets run background work; set by the daemon (see TargetContext)
+        self.service_nursery: trio.Nursery | None = None
 
     def __iter__(self) -> Iterator[MappedDevice]:
         return iter(sorted(self.devices.values(), key=lambda md: md.name))
@@ -144,7 +148,8 @@ class DeviceManager:
 
     async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
         specs = parse_table(text)
-        return await Table.build(md.name, specs, self.resolver(cwd, md), self.release)
+        services = TargetServices(nursery=self.service_nursery, table_event=md.table_event)
+        return await Table.build(md.name, specs, self.resolver(cwd, md), self.release, services)
 
     # -- verbs that change the namespace ------------------------------------------------
 

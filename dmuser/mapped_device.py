@@ -70,6 +70,7 @@ class MappedDevice(BlockDevice):
         self._in_flight = 0
         self._drained: trio.Event | None = None
         self._state_lock = trio.Lock()
+        self._event = trio.Event()
 
     def __repr__(self) -> str:
         return f"MappedDevice({self.name!r})"
@@ -183,6 +184,20 @@ class MappedDevice(BlockDevice):
             self.live = self.inactive = None
             self._suspended = False
             self._resumed.set()  # waiters wake and find no table: ENXIO
+
+    # -- events -------------------------------------------------------------------------
+
+    def table_event(self) -> None:
+        """A target reports a state change (``dm_table_event``): bump ``event_nr``."""
+        self.event_nr += 1
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait_event(self, after: int) -> int:
+        """Wait until ``event_nr`` exceeds ``after`` (``dmsetup wait``); return it."""
+        while self.event_nr <= after:
+            await self._event.wait()
+        return self.event_nr
 
     # -- reporting ----------------------------------------------------------------------
 

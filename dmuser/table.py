@@ -71,11 +71,21 @@ def parse_table(text: str) -> list[TargetSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class TargetServices:
+    """What the owner of a table offers its targets (see :class:`TargetContext`)."""
+
+    nursery: trio.Nursery | None = None
+    table_event: Callable[[], None] | None = None
+
+
 class Table:
     """A built, validated table.  Immutable once built; closed with ``close()``."""
 
-    def __init__(self, md_name: str, release_fn: Callable[[BlockDevice], None]) -> None:
+    def __init__(self, md_name: str, release_fn: Callable[[BlockDevice], None],
+                 services: TargetServices | None = None) -> None:
         self.md_name = md_name
+        self._services = services or TargetServices()
         self.targets: list[Target] = []
         self._ends: list[int] = []
         self._release_fn = release_fn
@@ -92,9 +102,10 @@ class Table:
         specs: Sequence[TargetSpec],
         get_device: Callable[[str], BlockDevice],
         release_device: Callable[[BlockDevice], None],
+        services: TargetServices | None = None,
     ) -> Table:
         """Construct every target; on any failure, destroy what was built and raise."""
-        table = cls(md_name, release_device)
+        table = cls(md_name, release_device, services)
         try:
             for spec in specs:
                 table._add_target(spec, get_device)
@@ -120,7 +131,9 @@ class Table:
         if self.targets and Feature.SINGLETON & (cls.features | self.targets[0].features):
             alone = cls.name if cls.features & Feature.SINGLETON else self.targets[0].name
             raise TableError(f"{self.md_name}: target type {alone} must appear alone in table")
-        ti = TargetContext(spec.start, spec.length, self.md_name, get_device)
+        ti = TargetContext(spec.start, spec.length, self.md_name, get_device,
+                           nursery=self._services.nursery,
+                           table_event=self._services.table_event)
         try:
             target = cls(ti, spec.args)
         except DmError as exc:

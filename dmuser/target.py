@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
+import trio
+
 from .bio import Bio
 from .blockdev import BlockDevice
 from .errors import DmIOError, TargetArgError
@@ -63,6 +65,11 @@ class TargetContext:
         len: number of sectors it covers.
         md_name: the mapped device's name, for messages.
         max_io_len: set by the constructor; 0 means no limit.
+        nursery: where a target runs background work (resync, merge) that must
+            outlive the request that loaded the table; the daemon's service
+            nursery.  The target cancels its own tasks in ``close()``.
+        table_event: ``dm_table_event``: bumps the device's event number and
+            wakes ``MappedDevice.wait_event`` waiters.
     """
 
     begin: int
@@ -71,6 +78,8 @@ class TargetContext:
     get_device_fn: DeviceGetter
     max_io_len: int = 0
     devices: list[BlockDevice] = field(default_factory=list)
+    nursery: trio.Nursery | None = None
+    table_event: Callable[[], None] | None = None
 
     def get_device(self, word: str) -> BlockDevice:
         """``dm_get_device``: resolve ``word`` or fail with "Device lookup failed"."""
