@@ -5,8 +5,10 @@
 | linear.py | linear |
 | zero.py | zero |
 | error.py | error |
+| flakey.py | flakey |
+| mirror.py (+ mirror_set, mirror_legs, mirror_resync, region_hash, dirtylog/) | mirror |
 """
 
-from . import error, linear, zero
+from . import error, flakey, linear, mirror, zero
 
-__all__ = ["error", "linear", "zero"]
+__all__ = ["error", "flakey", "linear", "mirror", "zero"]
