@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?")
         if verb in ("table", "status"):
             p.add_argument("--inactive", action="store_true", help="show the inactive table")
+        if verb == "status":
+            p.add_argument("--watch", action="store_true",
+                           help="live progress bar (rate, ETA) of resync and merge; Ctrl-C stops")
+            p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                           help="poll interval for --watch (default 0.5)")
+            p.add_argument("--until-complete", action="store_true",
+                           help="with --watch: exit 0 once every resync/merge is complete")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         _add_socket(p)
 
@@ -170,6 +177,23 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     return req
 
 
+def _watch(args: argparse.Namespace, sock: str, where: str) -> int:
+    from .watch import watch
+
+    def fetch() -> dict[str, Any]:
+        reply = client.request(sock, _request(args))
+        if not reply.get("ok"):
+            raise DmError(str(reply.get("error")))
+        data: dict[str, Any] = reply.get("data") or {}
+        return data
+
+    try:
+        return watch(fetch, max(args.interval, 0.05), args.until_complete)
+    except DmError as exc:
+        print(f"dmuser: {where}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -185,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main()
     sock = args.socket or paths.default_socket()
     where = " ".join(filter(None, [args.verb, getattr(args, "name", None)]))
+    if getattr(args, "watch", False):
+        return _watch(args, sock, where)
     try:
         reply = client.request(sock, _request(args))
     except DmError as exc:
