@@ -49,4 +49,5 @@ def test_watch_draws_rate_and_eta_and_stops_when_complete() -> None:
     assert text[0].startswith("m: mirror [") and "0/8 regions" in text[0]
     assert "2.0 regions/s" in text[1] and "ETA 0:03" in text[1]
     assert text[-1].endswith("8/8 regions, 2.0 regions/s, complete")
-    assert len(text) == 4  # the repeated 4/8 sample draws nothing new
+    assert "1.3 regions/s" in text[3]  # a stalled sample lowers the average rate
+    assert len(text) == 5
