@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_socket(p)
 
     sub.add_parser("demo", help="run the end-to-end demo on temporary images")
+
+    p = sub.add_parser("cow", help="inspect or check a persistent snapshot COW device offline",
+                       add_help=False)
+    p.add_argument("cow_args", nargs=argparse.REMAINDER,
+                   metavar="inspect|check FILE [--json] [--list]")
     return parser
 
 
@@ -195,6 +200,11 @@ def _watch(args: argparse.Namespace, sock: str, where: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cow"]:  # its own parser, so that 'dmuser cow --help' reaches it
+        from . import cow_tool
+
+        return cow_tool.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "table", None) is not None and getattr(args, "table_file", None) is not None:

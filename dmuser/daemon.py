@@ -38,7 +38,6 @@ import trio
 import targets  # noqa: F401  (registers the built-in targets)
 
 from . import client
-from .bio import Bio
 from .control import dispatch
 from .errors import DmError
 from .fuse_ops import DeviceFS
@@ -160,18 +159,12 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
-        async with self._namespace_lock:
-            mgr = self.manager
-            for md in mgr:
-                await md.suspend()
-            for md in mgr:
-                if md.live is not None:
-                    try:
-                        await md.live.submit(Bio.flush())
-                    except DmError as exc:
-                        log.error("%s: final flush failed: %s", md.name, exc)
-            await mgr.remove_all()
-        pyfuse3.terminate()
+        try:
+            async with self._namespace_lock:
+                await self.manager.quiesce_all()
+                await self.manager.remove_all()
+        finally:
+            pyfuse3.terminate()
 
     # -- control socket -------------------------------------------------------------------
 

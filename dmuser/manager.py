@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterator
 import trio
 
 from .blockdev import BlockDevice, FileDevice
-from .errors import DeviceBusyError, DeviceExistsError, NoSuchDeviceError, TableError
+from .bio import Bio
+from .errors import (
+    DeviceBusyError,
+    DeviceExistsError,
+    DmError,
+    NoSuchDeviceError,
+    TableError,
+)
 from .mapped_device import MappedDevice
 from .table import Table, TargetServices, parse_table
 
@@ -40,6 +47,12 @@ def check_name(name: str) -> None:
             or "\0" in name or not name.isprintable():
         raise TableError(f"invalid device name {name!r}: use 1-{MAX_NAME_LEN} printable "
                          "characters, no '/'")
+
+
+def _stacked_on(md: MappedDevice) -> set[MappedDevice]:
+    """The mapped devices ``md``'s live and inactive tables use directly."""
+    return {dev for table in (md.live, md.inactive) if table is not None
+            for dev in table.devices() if isinstance(dev, MappedDevice)}
 
 
 def _block_device_path(maj_min: str) -> str:
@@ -185,6 +198,40 @@ class DeviceManager:
         del self.devices[name]
         self._changed()
         await md.close()
+
+    def stack_order(self) -> list[MappedDevice]:
+        """Every device, each one before the devices its tables stack on (top-down)."""
+        order: list[MappedDevice] = []
+        seen: set[str] = set()
+
+        def visit(md: MappedDevice) -> None:
+            if md.name in seen:
+                return
+            seen.add(md.name)
+            for user in self:
+                if user is not md and md in _stacked_on(user):
+                    visit(user)
+            order.append(md)
+
+        for md in self:
+            visit(md)
+        return order
+
+    async def quiesce_all(self) -> None:
+        """Suspend and flush every device, top-down; errors are logged, not raised.
+
+        A device is suspended (its I/O drained) and flushed while the devices
+        below it still run, so its drain and its flush can reach them; the
+        kernel's tools suspend stacks in the same order.
+        """
+        for md in self.stack_order():
+            await md.suspend()
+            if md.live is None:
+                continue
+            try:
+                await md.live.submit(Bio.flush())
+            except DmError as exc:
+                log.error("%s: final flush failed: %s", md.name, exc)
 
     async def remove_all(self) -> None:
         """Remove every device, users before the devices they stack on."""

@@ -1,0 +1,56 @@
+"""Daemon shutdown quiesces stacks top-down (regression: name order hung forever)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+import targets  # noqa: F401
+from dmuser.control import dispatch
+from dmuser.manager import DeviceManager
+
+
+async def _stack(tmp_path: Path) -> DeviceManager:
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    mgr = DeviceManager(str(tmp_path / "mnt"))
+    # name order (a-bottom, b-mid, z-top) is the reverse of stack order.
+    await dispatch(mgr, {"verb": "create", "name": "a-bottom", "cwd": str(tmp_path),
+                         "table": "0 2048 linear a.img 0"})
+    await dispatch(mgr, {"verb": "create", "name": "b-mid", "cwd": str(tmp_path),
+                         "table": "0 2048 linear a-bottom 0"})
+    await dispatch(mgr, {"verb": "create", "name": "z-top", "cwd": str(tmp_path),
+                         "table": "0 2048 linear b-mid 0"})
+    return mgr
+
+
+async def test_stack_order_puts_users_before_what_they_use(tmp_path: Path) -> None:
+    mgr = await _stack(tmp_path)
+    assert [md.name for md in mgr.stack_order()] == ["z-top", "b-mid", "a-bottom"]
+    await mgr.remove_all()
+
+
+async def test_quiesce_all_flushes_every_level_and_returns(tmp_path: Path) -> None:
+    mgr = await _stack(tmp_path)
+    # Route the bottom device's flushes through a counter.
+    flushes = []
+    bottom_dev = mgr.get("a-bottom").live.targets[0].dev  # type: ignore[union-attr]
+    real_submit = bottom_dev.submit
+
+    async def counting_submit(bio):  # type: ignore[no-untyped-def]
+        if bio.is_empty_flush:
+            flushes.append(bio)
+        await real_submit(bio)
+
+    bottom_dev.submit = counting_submit  # type: ignore[method-assign]
+    await mgr.get("z-top").write(8, os.urandom(4096))
+    with trio.fail_after(5):  # hung forever before the fix
+        await mgr.quiesce_all()
+    assert all(md.suspended for md in mgr)
+    # top, mid and bottom flushes all reach the backing file
+    assert len(flushes) == 3
+    with trio.fail_after(5):
+        await mgr.remove_all()
+    assert not mgr.devices
