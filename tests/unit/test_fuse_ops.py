@@ -121,16 +121,15 @@ async def test_size_follows_table_swap(env: Env) -> None:
     assert (await env.fs.lookup(ROOT, b"z", None)).st_size == 32 * S
 
 
-async def test_setattr_size_refused(env: Env) -> None:
+async def test_truncate_is_ignored_like_on_a_block_device(env: Env) -> None:
     inode = await env.inode("d")
+    fh = (await env.fs.open(inode, os.O_RDWR, None)).fh
+    await env.fs.write(fh, 0, b"\x5a" * S)
     attr = pyfuse3.EntryAttributes()
     attr.st_size = 123
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await env.fs.setattr(inode, attr, SimpleNamespace(update_size=True), None, None)
-    assert fuse_errno(info) == errno.EPERM
-    attr.st_size = DEV_BYTES
     got = await env.fs.setattr(inode, attr, SimpleNamespace(update_size=True), None, None)
     assert got.st_size == DEV_BYTES
+    assert await env.fs.read(fh, 0, S) == b"\x5a" * S  # nothing was cut off
 
 
 async def test_statfs(env: Env) -> None:
