@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("clear", "drop the inactive table")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("name")
+        if verb == "suspend":
+            p.add_argument("--noflush", action="store_true",
+                           help="let targets requeue the bios they hold (a mirror's writes "
+                                "after a leg failure) until resume, instead of failing them")
         _add_socket(p)
 
     for verb, text in (("ls", "list devices"),
@@ -174,7 +178,7 @@ def _start_background(args: argparse.Namespace, mountpoint: str, sock: str) -> i
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
     req: dict[str, Any] = {"verb": args.verb, "cwd": os.getcwd()}
-    for key in ("name", "force", "inactive", "uuid", "sector", "message"):
+    for key in ("name", "force", "inactive", "uuid", "sector", "message", "noflush"):
         if getattr(args, key, None) is not None:
             req[key] = getattr(args, key)
     if args.verb in ("create", "reload"):

@@ -77,8 +77,14 @@ def _state_verb(method: str) -> Verb:
     return run
 
 
-for _name in ("clear", "suspend", "resume"):
+for _name in ("clear", "resume"):
     VERBS[_name] = _state_verb(_name)
+
+
+@verb("suspend")
+async def suspend(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await mgr.get(req["name"]).suspend(noflush=bool(req.get("noflush")))
+    return Reply()
 
 
 @verb("ls")

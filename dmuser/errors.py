@@ -63,6 +63,16 @@ class DmIOError(DmError):
         super().__init__(message, errno)
 
 
+class RequeueError(DmIOError):
+    """Complete the bio later: resubmit it after resume (the kernel's BLK_STS_DM_REQUEUE).
+
+    A target raises it only while its device is being suspended with
+    ``--noflush``; :meth:`MappedDevice.submit` catches it, waits for the
+    resume and runs the bio again against the table live then.  It never
+    reaches a caller.
+    """
+
+
 class NotSupportedError(DmIOError):
     """The operation is not supported by the device (BLK_STS_NOTSUPP)."""
 

@@ -161,7 +161,8 @@ class DeviceManager:
 
     async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
         specs = parse_table(text)
-        services = TargetServices(nursery=self.service_nursery, table_event=md.table_event)
+        services = TargetServices(nursery=self.service_nursery, table_event=md.table_event,
+                                  noflush_suspending=md.noflush_suspending)
         return await Table.build(md.name, specs, self.resolver(cwd, md), self.release, services)
 
     # -- verbs that change the namespace ------------------------------------------------

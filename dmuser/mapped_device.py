@@ -29,7 +29,7 @@ import trio
 
 from .bio import Bio
 from .blockdev import BlockDevice
-from .errors import DeviceBusyError, DmError, DmIOError, NoSuchDeviceError
+from .errors import DeviceBusyError, DmError, DmIOError, NoSuchDeviceError, RequeueError
 from .table import Table
 from .target import StatusType
 
@@ -70,6 +70,7 @@ class MappedDevice(BlockDevice):
         self._in_flight = 0
         self._drained: trio.Event | None = None
         self._state_lock = trio.Lock()
+        self._noflush = False
         self._event = trio.Event()
 
     def __repr__(self) -> str:
@@ -86,19 +87,27 @@ class MappedDevice(BlockDevice):
     # -- I/O ----------------------------------------------------------------------------
 
     async def submit(self, bio: Bio) -> None:
-        """Run ``bio`` through the live table; waits while the device is suspended."""
-        while self._suspended:
-            await self._resumed.wait()
-        table = self.live
-        if table is None:
-            raise DmIOError(f"{self.name}: no live table", 6)  # ENXIO
-        self._in_flight += 1
-        try:
-            await table.submit(bio)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0 and self._drained is not None:
-                self._drained.set()
+        """Run ``bio`` through the live table; waits while the device is suspended.
+
+        A bio a target requeues during a ``--noflush`` suspend (RequeueError)
+        waits for the resume and runs again against the table live then.
+        """
+        while True:
+            while self._suspended:
+                await self._resumed.wait()
+            table = self.live
+            if table is None:
+                raise DmIOError(f"{self.name}: no live table", 6)  # ENXIO
+            self._in_flight += 1
+            try:
+                await table.submit(bio)
+                return
+            except RequeueError:
+                log.info("%s: bio at sector %d requeued until resume", self.name, bio.sector)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0 and self._drained is not None:
+                    self._drained.set()
 
     async def wait_drained(self) -> None:
         while self._in_flight:
@@ -122,14 +131,23 @@ class MappedDevice(BlockDevice):
             if old is not None:
                 await old.close()
 
-    async def suspend(self) -> None:
-        """Hold new I/O, drain I/O in flight, run the suspend hooks.  Idempotent."""
-        async with self._state_lock:
-            await self._suspend()
+    async def suspend(self, noflush: bool = False) -> None:
+        """Hold new I/O, drain I/O in flight, run the suspend hooks.  Idempotent.
 
-    async def _suspend(self) -> None:
+        With ``noflush`` (``dmsetup suspend --noflush``), targets may hand bios
+        they hold back for requeueing instead of failing them; those run again
+        after resume (typically on a repaired table).
+        """
+        async with self._state_lock:
+            await self._suspend(noflush)
+
+    def noflush_suspending(self) -> bool:
+        return self._suspended and self._noflush
+
+    async def _suspend(self, noflush: bool = False) -> None:
         if self._suspended:
             return
+        self._noflush = noflush
         self._suspended = True
         self._resumed = trio.Event()
         table = self.live
@@ -170,6 +188,7 @@ class MappedDevice(BlockDevice):
             if old is not None:
                 await old.close()
         self._suspended = False
+        self._noflush = False
         self._resumed.set()
 
     async def close(self) -> None:

@@ -77,6 +77,7 @@ class TargetServices:
 
     nursery: trio.Nursery | None = None
     table_event: Callable[[], None] | None = None
+    noflush_suspending: Callable[[], bool] | None = None
 
 
 class Table:
@@ -133,7 +134,8 @@ class Table:
             raise TableError(f"{self.md_name}: target type {alone} must appear alone in table")
         ti = TargetContext(spec.start, spec.length, self.md_name, get_device,
                            nursery=self._services.nursery,
-                           table_event=self._services.table_event)
+                           table_event=self._services.table_event,
+                           noflush_suspending=self._services.noflush_suspending)
         try:
             target = cls(ti, spec.args)
         except DmError as exc:

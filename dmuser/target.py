@@ -70,6 +70,9 @@ class TargetContext:
             nursery.  The target cancels its own tasks in ``close()``.
         table_event: ``dm_table_event``: bumps the device's event number and
             wakes ``MappedDevice.wait_event`` waiters.
+        noflush_suspending: ``dm_noflush_suspending``: true while the device is
+            being suspended with ``--noflush``, when a target may finish held
+            bios with :class:`RequeueError` instead of failing them.
     """
 
     begin: int
@@ -80,6 +83,7 @@ class TargetContext:
     devices: list[BlockDevice] = field(default_factory=list)
     nursery: trio.Nursery | None = None
     table_event: Callable[[], None] | None = None
+    noflush_suspending: Callable[[], bool] | None = None
 
     def get_device(self, word: str) -> BlockDevice:
         """``dm_get_device``: resolve ``word`` or fail with "Device lookup failed"."""

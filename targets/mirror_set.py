@@ -16,7 +16,8 @@ Guarantees:
   a failed read is retried on another leg while one is in sync.
 * **Resync** (``mirror_resync.py``) runs only between resume and presuspend.
 * **Leg failure** (``mirror_legs.py``): with ``handle_errors`` failed writes
-  are held until suspend (EIO then); without it they complete successfully and
+  are held until suspend (EIO then, or requeued to run again after resume when
+  the suspend is ``--noflush``); without it they complete successfully and
   the region is resynced after the next resume.  With no leg left, I/O fails
   with EIO.
 
@@ -40,7 +41,7 @@ import trio
 
 from dmuser.bio import Bio, Op, ReqFlag
 from dmuser.dm_io import BufferMem, DmIoClient, IoRequest, Region, dm_io
-from dmuser.errors import DmIOError, NotSupportedError
+from dmuser.errors import DmIOError, NotSupportedError, RequeueError
 from dmuser.kcopyd import KcopydClient, KcopydThrottle
 from dmuser.target import TargetContext
 
@@ -365,7 +366,9 @@ class MirrorSet:
 
     def _hold(self, io: MirrorIo) -> None:
         if self.suspend:
-            self._complete(io, DmIOError("mirror: held write failed at suspend"))
+            noflush = self.ti.noflush_suspending is not None and self.ti.noflush_suspending()
+            self._complete(io, RequeueError("mirror: held write requeued") if noflush
+                           else DmIOError("mirror: held write failed at suspend"))
         else:
             self.holds.append(io)
 
