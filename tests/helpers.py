@@ -7,7 +7,11 @@ and, in :meth:`Daemon.stop`, always puts the machine back: it unmounts what is
 mounted below its directory, detaches loop devices backed by files below it,
 stops the daemon (``dmuser shutdown``, then SIGTERM, then SIGKILL) and lazily
 unmounts a mount the daemon left.  The ``daemon``/``make_daemon`` fixtures in
-``conftest.py`` wrap it.
+``conftest.py`` wrap it; :meth:`Daemon.unstack` tears a test's device stacks
+down before that (see there when it is needed).
+
+Also: :class:`Io` (one blocking call in a thread), :func:`mkfs_ext4` and
+:func:`fsck_clean`.  The mirror's disk log is decoded by ``mirror_log.py``.
 
 Everything here is synchronous (subprocess, os): integration tests are plain
 functions, never trio tests, because blocking FUSE I/O from inside the test
@@ -26,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -372,18 +377,9 @@ class Daemon:
 
     def stop(self) -> list[str]:
         """Put everything back, whatever state the test left.  Returns problems seen."""
-        problems: list[str] = []
-        own = os.path.realpath(self.mnt)
-        others = [mp for mp, _ in mounts_under(self.dir) if mp != own]
-        if self.alive() and (others or loops_under(self.dir)):
+        if self.alive() and (self._other_mounts() or loops_under(self.dir)):
             self._resume_all()  # a suspended device would hang the unmount
-        for mp in others:
-            if not umount(mp):
-                problems.append(f"cannot unmount {mp}")
-        self.fs_mounts.clear()
-        for dev in dict.fromkeys(self.loops + loops_under(self.dir)):
-            detach_loop(dev)
-        self.loops.clear()
+        problems = self.unmount_and_detach()
         requested = False
         if self.alive():
             requested = True
@@ -416,6 +412,47 @@ class Daemon:
         for name in self.devices():
             with contextlib.suppress(Exception):
                 self.request("resume", name=name)
+
+    def _other_mounts(self) -> list[str]:
+        """Mounts below ``self.dir`` other than the daemon's own, deepest first."""
+        own = os.path.realpath(self.mnt)
+        return [mp for mp, _ in mounts_under(self.dir) if mp != own]
+
+    def unmount_and_detach(self) -> list[str]:
+        """Unmount what is mounted below ``self.dir`` (but the daemon's own mount), then
+        detach the loop devices backed by files below it (also after the daemon died);
+        the problems seen."""
+        problems = [f"cannot unmount {mp}" for mp in self._other_mounts() if not umount(mp)]
+        self.fs_mounts.clear()
+        for dev in dict.fromkeys(self.loops + loops_under(self.dir)):
+            detach_loop(dev)
+        self.loops.clear()
+        return problems
+
+    def unstack(self) -> None:
+        """Tear down what a test set up, while the daemon runs: resume every device,
+        unmount and detach everything below ``self.dir``, then remove every device,
+        users before the devices they stack on.  Errors are ignored (``stop()``, which
+        runs after, reports what is left); a daemon not running is left alone.
+
+        For the teardown of tests that stack devices and suspend the lower ones: the
+        daemon's shutdown quiesces a stack top-down, but the final flush of a device
+        stacked on one the test left suspended waits for a resume that never comes.
+        Resuming first also keeps an unmount from hanging on a suspended device.
+        """
+        if not self.alive():
+            return
+        with contextlib.suppress(Exception):
+            self._resume_all()
+        self.unmount_and_detach()
+        with contextlib.suppress(Exception):
+            for _ in range(10):
+                names = self.devices()
+                if not names:
+                    break
+                for name in names:  # a device still held fails, and goes next round
+                    with contextlib.suppress(Exception):
+                        self.request("remove", name=name)
 
     def _terminate(self) -> None:
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
@@ -513,6 +550,19 @@ class Daemon:
         subprocess.run(["umount", str(target)], check=True, capture_output=True, timeout=60)
         if str(target) in self.fs_mounts:
             self.fs_mounts.remove(str(target))
+
+    @contextlib.contextmanager
+    def loop_mounted(self, dev: str | os.PathLike[str], target: str | os.PathLike[str],
+                     *mount_opts: str, loop_opts: Sequence[str] = ()) -> Iterator[str]:
+        """``losetup LOOP_OPTS DEV`` and mount the loop device on ``target`` with
+        ``mount_opts``; yields the loop device; unmounts and detaches after the block.
+        When the block raises, that is left to :meth:`stop` (which resumes suspended
+        devices first, so that the unmount cannot hang)."""
+        loop = self.losetup(dev, *loop_opts)
+        self.mount(loop, target, *mount_opts)
+        yield loop
+        self.umount(target)
+        self.detach(loop)
 
 
 def _enotconn(path: Path) -> bool:
@@ -625,6 +675,47 @@ def check_pattern_io(path: str | os.PathLike[str], seed: int | str, offset: int 
     data = pattern(f"{seed}-{time.monotonic_ns()}", nbytes)
     write_at(path, offset, data)
     verify_at(path, offset, data)
+
+
+class Io(threading.Thread):
+    """One blocking call (``fn()``) in a daemon thread: ``result`` or ``error`` kept,
+    ``done`` set when it returned.  Started at once unless ``start`` is false."""
+
+    def __init__(self, fn: Callable[[], object], start: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        if start:
+            self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001  (reported to the test)
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+# -- file systems -------------------------------------------------------------------------
+
+
+def mkfs_ext4(dev: str | os.PathLike[str], *opts: str, extended: str = "nodiscard") -> None:
+    """``mkfs.ext4 -q -F -E EXTENDED OPTS... DEV`` (one ``-E``: mke2fs keeps only the
+    last), asserting success."""
+    res = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", extended, *opts, str(dev)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def fsck_clean(dev: str | os.PathLike[str]) -> str:
+    """Assert that ``e2fsck -fn DEV`` finds nothing to fix; its stdout."""
+    res = subprocess.run(["e2fsck", "-fn", str(dev)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, f"e2fsck -fn {dev}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    return res.stdout
 
 
 @contextlib.contextmanager

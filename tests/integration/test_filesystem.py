@@ -3,18 +3,17 @@
 The device file is a regular file to the kernel, so ``mkfs.ext4``/``e2fsck``
 work on it directly; mounting goes through a loop device over the device file
 (root + loop).  Loop devices and mounts are set up with the daemon helper's
-``losetup``/``mount``, which its teardown undoes even when a test fails.
+``loop_mounted``, whose teardown undoes them even when a test fails.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import make_image, pattern, read_at
+from helpers import fsck_clean, make_image, mkfs_ext4, pattern, read_at
 
 MiB = 1 << 20
 SECTOR = 512
@@ -24,16 +23,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.mkfs]
 
 
 def mkfs(dev: Path) -> None:
-    res = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", "dmtest", str(dev)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-
-
-def fsck_clean(dev: Path | str) -> str:
-    res = subprocess.run(["e2fsck", "-fn", str(dev)], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, f"e2fsck -fn {dev}: exit {res.returncode}\n{res.stdout}{res.stderr}"
-    return res.stdout
+    mkfs_ext4(dev, "-L", "dmtest")
 
 
 def write_tree(root: Path) -> dict[str, str]:
@@ -75,30 +65,23 @@ def test_loop_mount_write_fsck_remount(daemon, tmp_path) -> None:
     make_image(d.dir / "b.img", 24 * MiB)
     # two segments in two files, so the file system spans a target boundary
     half = 20 * MiB // SECTOR
-    dev = d.create("fs", f"0 {half} linear a.img {4 * MiB // SECTOR};"
-                         f"{half} {half} linear b.img 0")
+    table = f"0 {half} linear a.img {4 * MiB // SECTOR};{half} {half} linear b.img 0"
+    dev = d.create("fs", table)
     mkfs(dev)
     mnt = d.dir / "fsmnt"
 
-    loop = d.losetup(dev)
-    d.mount(loop, mnt)
-    sums = write_tree(mnt)
-    os.sync()
-    d.umount(mnt)
-    d.detach(loop)
+    with d.loop_mounted(dev, mnt):
+        sums = write_tree(mnt)
+        os.sync()
     fsck_clean(dev)
 
     # a new daemon over the same image files finds the same file system
     d.request("shutdown")
     assert d.wait() == 0
     d.start()
-    d.create("fs", f"0 {half} linear a.img {4 * MiB // SECTOR};"
-                   f"{half} {half} linear b.img 0")
-    loop = d.losetup(dev)
-    d.mount(loop, mnt, "-o", "ro")
-    check_tree(mnt, sums)
-    d.umount(mnt)
-    d.detach(loop)
+    d.create("fs", table)
+    with d.loop_mounted(dev, mnt, "-o", "ro"):
+        check_tree(mnt, sums)
     fsck_clean(dev)
 
 
@@ -123,19 +106,13 @@ def test_stacked_linear_over_linear(daemon) -> None:
     assert read_at(d.dir / "a.img", 12 * MiB + EXT4_MAGIC_OFFSET, 2) == b"\x53\xef"
 
     mnt = d.dir / "fsmnt"
-    loop = d.losetup(upper)
-    d.mount(loop, mnt)
-    sums = write_tree(mnt)
-    os.sync()
-    d.umount(mnt)
-    d.detach(loop)
+    with d.loop_mounted(upper, mnt):
+        sums = write_tree(mnt)
+        os.sync()
     fsck_clean(upper)
 
-    loop = d.losetup(upper)
-    d.mount(loop, mnt)
-    check_tree(mnt, sums)
-    d.umount(mnt)
-    d.detach(loop)
+    with d.loop_mounted(upper, mnt):
+        check_tree(mnt, sums)
 
     res = d.cli("remove", "lower", check=False)
     assert res.returncode == 1 and "in use" in res.stderr

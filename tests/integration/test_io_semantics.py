@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import (
+    Io,
     assert_bytes,
     make_image,
     pattern,
@@ -77,25 +77,6 @@ def test_two_segment_linear_places_bytes_in_the_right_backing_files(daemon) -> N
         os.close(fd)
 
 
-class _Io(threading.Thread):
-    """One blocking read or write on the device file, in a thread."""
-
-    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(daemon=True)
-        self.fn = fn
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as exc:  # noqa: BLE001  (reported to the test)
-            self.error = exc
-        finally:
-            self.done.set()
-
-
 def test_suspend_holds_io_until_resume(daemon) -> None:
     d = daemon
     make_image(d.dir / "a.img", 1 * MiB)
@@ -106,8 +87,8 @@ def test_suspend_holds_io_until_resume(daemon) -> None:
 
     d.cli("suspend", "dev")
     assert d.info("dev")["suspended"]
-    reader = _Io(lambda: read_at(dev, 0, 8192))
-    writer = _Io(lambda: write_at(dev, 65536, new))
+    reader = Io(lambda: read_at(dev, 0, 8192), start=False)
+    writer = Io(lambda: write_at(dev, 65536, new), start=False)
     reader.start()
     writer.start()
     # Held: neither finishes while suspended; the control socket still answers.
@@ -138,8 +119,8 @@ def test_fork_and_exec_while_suspended_with_the_device_open(daemon) -> None:
     try:
         os.pwrite(fd, pattern("dirty", 4096), 0)  # unflushed data on this handle
         d.request("suspend", name="dev")
-        child = _Io(lambda: subprocess.run(["true"], timeout=30).returncode)
-        dup = _Io(lambda: os.close(os.dup(fd)))
+        child = Io(lambda: subprocess.run(["true"], timeout=30).returncode, start=False)
+        dup = Io(lambda: os.close(os.dup(fd)), start=False)
         child.start()
         dup.start()
         ok = child.done.wait(15) and dup.done.wait(15)

@@ -2,8 +2,8 @@
 
 A 64 MiB two-leg mirror of 256 regions (256 KiB each) gets writes confined to
 a few regions, the daemon is killed with SIGKILL at a seeded random moment,
-and then, before anything is re-created, the log device is decoded with a
-small decoder written here from dm-spec §5.5 (independent of
+and then, before anything is re-created, the log device is decoded with
+``mirror_log.py``, a small decoder written from dm-spec §5.5 (independent of
 ``targets/dirtylog``).  Checked:
 
 * the dirty regions are a subset of the regions written (far fewer than 256);
@@ -18,9 +18,11 @@ small decoder written here from dm-spec §5.5 (independent of
 * with ext4 on the mirror, the file system recovers (journal replay) and is
   fsck-clean, with every fsync'd file intact.
 
-Legs are stacked dmuser ``linear`` devices over the image files; the test
-removes devices users first before the daemon fixture's teardown (the daemon's
-own shutdown cannot take stacked devices yet).
+Legs are stacked dmuser ``linear`` devices over the image files; the ``rig``
+fixture tears them down with :meth:`helpers.Daemon.unstack` (resume every
+device, unmount, detach, remove users first) before the daemon fixture's
+teardown, so that a test failing with leg 1 suspended cannot hold the
+daemon's shutdown.
 """
 
 from __future__ import annotations
@@ -35,21 +37,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from helpers import (
     Daemon,
     DaemonFactory,
-    detach_loop,
-    loops_under,
+    fsck_clean,
     make_image,
-    mounts_under,
+    mkfs_ext4,
     read_at,
-    umount,
     wait_until,
     write_at,
 )
+from mirror_log import MAGIC, differing_regions, read_disk_log
 
 MiB = 1 << 20
 SECTOR = 512
@@ -59,38 +59,21 @@ NR_REGIONS = 256
 SIZE = NR_REGIONS * REGION  # 64 MiB
 N = SIZE // SECTOR
 BLOCK = 4096
-MAGIC = 0x4D695272
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-# -- an independent decoder of the disk log (dm-spec §5.5) --------------------------------
+# -- helpers -------------------------------------------------------------------------------
 
 
-class DiskLog(NamedTuple):
-    magic: int
-    version: int
-    nr_regions: int
-    dirty: list[int]
+def log_dirty(path: str | os.PathLike[str]) -> list[int]:
+    """The dirty regions of the disk log at ``path``."""
+    return read_disk_log(path, NR_REGIONS).dirty
 
 
-def read_disk_log(path: str | os.PathLike[str], regions: int = NR_REGIONS) -> DiskLog:
-    """le32 magic 0x4D695272 ("rRiM"), le32 version, le64 nr_regions; the clean bitset
-    at byte 1024, bit r = byte r/8 bit r%8 (LSB first), 1 = clean."""
-    raw = read_at(path, 0, 1024 + (regions + 7) // 8)
-    magic, version, nr = struct.unpack_from("<IIQ", raw)
-    bits = raw[1024:]
-    return DiskLog(magic, version, nr,
-                   [r for r in range(regions) if not bits[r // 8] >> (r % 8) & 1])
-
-
-def differing_regions(a: Path, b: Path) -> list[int]:
-    out = []
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for r in range(NR_REGIONS):
-            if fa.read(REGION) != fb.read(REGION):
-                out.append(r)
-    return out
+def legs_differ(a: Path, b: Path) -> list[int]:
+    """The regions where the two leg images differ."""
+    return differing_regions(a, b, REGION, NR_REGIONS)
 
 
 def in_sync_count(d: Daemon, name: str = "m") -> tuple[int, int]:
@@ -104,31 +87,6 @@ def in_sync_count(d: Daemon, name: str = "m") -> tuple[int, int]:
 def wait_in_sync(d: Daemon, name: str = "m", timeout: float = 60.0) -> None:
     wait_until(lambda: in_sync_count(d, name)[0] == NR_REGIONS, timeout, interval=0.02,
                what=f"{name} in sync")
-
-
-def unstack(d: Daemon) -> None:
-    """Unmount, detach, resume, remove every device users first."""
-    if not d.alive():
-        return
-    own = os.path.realpath(d.mnt)
-    for mp, _ in mounts_under(d.dir):
-        if mp != own:
-            umount(mp)
-    d.fs_mounts.clear()
-    for dev in dict.fromkeys(d.loops + loops_under(d.dir)):
-        detach_loop(dev)
-    d.loops.clear()
-    with contextlib.suppress(Exception):
-        for name in d.devices():
-            with contextlib.suppress(Exception):
-                d.request("resume", name=name)
-        for _ in range(10):
-            names = d.devices()
-            if not names:
-                break
-            for name in names:
-                with contextlib.suppress(Exception):
-                    d.request("remove", name=name)
 
 
 class Rig:
@@ -180,7 +138,7 @@ class Rig:
 def rig(make_daemon: DaemonFactory) -> Rig:
     r = Rig(make_daemon)
     yield r
-    unstack(r.d)
+    r.d.unstack()
 
 
 # -- the writers -------------------------------------------------------------------------
@@ -277,11 +235,11 @@ def recover_and_check(rig: Rig, written: list[int], what: str) -> tuple[list[int
     """After a kill: decode the log, check it against the legs, restart, re-create,
     count, resync.  Returns (dirty regions, first in-sync count, regions where the legs
     differed before the resync)."""
-    hdr = read_disk_log(rig.log)
+    hdr = read_disk_log(rig.log, NR_REGIONS)
     assert (hdr.magic, hdr.version, hdr.nr_regions) == (MAGIC, 2, NR_REGIONS), hdr
     dirty = hdr.dirty
     assert set(dirty) <= set(written), f"{what}: dirty {dirty} outside the written {written}"
-    differ = differing_regions(rig.l0, rig.l1)
+    differ = legs_differ(rig.l0, rig.l1)
     assert set(differ) <= set(dirty), f"{what}: legs differ in {differ}, not all dirty {dirty}"
     rig.restart()
     first = rig.create()
@@ -298,7 +256,7 @@ def test_kill9_at_random_points_resyncs_only_dirty_regions(rig: Rig, tmp_path: P
     # a fresh log: `nosync` makes every region clean, then a clean remove
     rig.create("nosync", pin=False)
     rig.remove_all()
-    assert read_disk_log(rig.log).dirty == []
+    assert log_dirty(rig.log) == []
     # re-created in the default mode: nothing to resync
     assert rig.create() == NR_REGIONS
 
@@ -327,7 +285,7 @@ def test_kill9_at_random_points_resyncs_only_dirty_regions(rig: Rig, tmp_path: P
         figures.append(dict(seed=seed, kill_after_s=round(delay, 2), acked_blocks=len(acked),
                             dirty=dirty, legs_differed=differed, first_in_sync=first))
         rig.remove_all()  # flushes the legs; the log becomes all clean
-        assert read_disk_log(rig.log).dirty == []
+        assert log_dirty(rig.log) == []
         assert hashlib.sha256(rig.l0.read_bytes()).digest() == \
             hashlib.sha256(rig.l1.read_bytes()).digest(), f"seed {seed}: legs differ"
         check_blocks(rig.l0, sorted(all_written), all_acked)
@@ -349,7 +307,7 @@ def test_kill9_with_writes_in_flight_resyncs_exactly_their_regions(rig: Rig) -> 
     # then done its post-resume passes (one flushes every leg, and must not meet a
     # suspended one)
     write_at(rig.dev, 0, b"warm" * 1024)
-    wait_until(lambda: read_disk_log(rig.log).dirty == [], 20, what="a clean log")
+    wait_until(lambda: log_dirty(rig.log) == [], 20, what="a clean log")
     stuck = [100, 101]
     d.request("suspend", name="L1")
     first_block = 101 * (REGION // BLOCK) - 1
@@ -362,9 +320,9 @@ def test_kill9_with_writes_in_flight_resyncs_exactly_their_regions(rig: Rig) -> 
          str(rig.dev), str(first_block)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        wait_until(lambda: read_disk_log(rig.log).dirty == stuck, 20,
+        wait_until(lambda: log_dirty(rig.log) == stuck, 20,
                    what=f"regions {stuck} dirty in the log")
-        wait_until(lambda: differing_regions(rig.l0, rig.l1) == stuck, 20,
+        wait_until(lambda: legs_differ(rig.l0, rig.l1) == stuck, 20,
                    what=f"the writes on leg 0 of regions {stuck}")
         assert all(p.poll() is None for p in procs), "a write completed with leg 1 suspended"
         rig.kill()
@@ -379,7 +337,7 @@ def test_kill9_with_writes_in_flight_resyncs_exactly_their_regions(rig: Rig) -> 
     dirty, first, _ = recover_and_check(rig, stuck, "in flight")
     assert dirty == stuck and first == NR_REGIONS - len(stuck)
     rig.remove_all()
-    assert differing_regions(rig.l0, rig.l1) == []
+    assert legs_differ(rig.l0, rig.l1) == []
     for b in (first_block, first_block + 1):  # resynced from the default leg: it had the write
         blk = read_at(rig.l1, b * BLOCK, BLOCK)
         assert blk == struct.pack("<QQ", b, 7) * (BLOCK // 16)
@@ -387,8 +345,8 @@ def test_kill9_with_writes_in_flight_resyncs_exactly_their_regions(rig: Rig) -> 
 
 def test_clean_shutdown_leaves_nothing_to_resync(make_daemon: DaemonFactory,
                                                  tmp_path: Path) -> None:
-    """Plain image legs (the daemon's shutdown handles no stacked devices yet): write,
-    `dmuser shutdown`, and the log is all clean; a new daemon resyncs nothing."""
+    """Plain image legs: write, `dmuser shutdown`, and the log is all clean; a new
+    daemon resyncs nothing."""
     d = make_daemon("d")
     for name in ("l0.img", "l1.img"):
         make_image(d.dir / name, SIZE)
@@ -403,9 +361,9 @@ def test_clean_shutdown_leaves_nothing_to_resync(make_daemon: DaemonFactory,
     assert d.wait() == 0
     acked = writers.stop()
     assert acked
-    hdr = read_disk_log(d.dir / "log.img")
+    hdr = read_disk_log(d.dir / "log.img", NR_REGIONS)
     assert (hdr.magic, hdr.nr_regions, hdr.dirty) == (MAGIC, NR_REGIONS, [])
-    assert differing_regions(d.dir / "l0.img", d.dir / "l1.img") == []
+    assert legs_differ(d.dir / "l0.img", d.dir / "l1.img") == []
     check_blocks(d.dir / "l0.img", written, acked)
     d.start()
     d.create("m", table)
@@ -441,9 +399,7 @@ except OSError:
 def test_kill9_under_ext4_then_recovery_is_fsck_clean(rig: Rig, tmp_path: Path) -> None:
     d = rig.d
     rig.create("nosync", pin=False)
-    res = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0",
-                          str(rig.dev)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    mkfs_ext4(rig.dev, extended="nodiscard,lazy_itable_init=0")
     mnt = rig.dir / "fsmnt"
     loop = d.losetup(rig.dev)
     d.mount(loop, mnt)
@@ -458,18 +414,14 @@ def test_kill9_under_ext4_then_recovery_is_fsck_clean(rig: Rig, tmp_path: Path) 
     finally:
         writer.kill()
         writer.wait(60)
-        umount(str(mnt))
-        d.fs_mounts.clear()
-        for dev in dict.fromkeys(d.loops + loops_under(rig.dir)):
-            detach_loop(dev)
-        d.loops.clear()
+        d.unmount_and_detach()
     out.seek(0)
     acked = dict(line.split() for line in out.read().splitlines() if len(line.split()) == 2)
     out.close()
     assert acked
 
-    hdr = read_disk_log(rig.log)
-    differ = differing_regions(rig.l0, rig.l1)
+    hdr = read_disk_log(rig.log, NR_REGIONS)
+    differ = legs_differ(rig.l0, rig.l1)
     assert set(differ) <= set(hdr.dirty), (differ, hdr.dirty)
     dirty, first, _ = recover_and_check(rig, list(range(NR_REGIONS)), "ext4")
     print(f"\next4 kill -9: {len(acked)} files acknowledged, {len(dirty)} dirty regions "
@@ -477,15 +429,10 @@ def test_kill9_under_ext4_then_recovery_is_fsck_clean(rig: Rig, tmp_path: Path) 
     assert len(dirty) < NR_REGIONS // 4, dirty
 
     # the journal replays on mount; every fsync'd file is there; fsck is clean
-    loop = d.losetup(rig.dev)
-    d.mount(loop, mnt)
-    for rel, digest in acked.items():
-        assert hashlib.sha256((mnt / rel).read_bytes()).hexdigest() == digest, rel
-    d.umount(mnt)
-    d.detach(loop)
-    res = subprocess.run(["e2fsck", "-fn", str(rig.dev)], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, f"e2fsck: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    with d.loop_mounted(rig.dev, mnt):
+        for rel, digest in acked.items():
+            assert hashlib.sha256((mnt / rel).read_bytes()).hexdigest() == digest, rel
+    fsck_clean(rig.dev)
     rig.remove_all()
-    assert read_disk_log(rig.log).dirty == []
-    assert differing_regions(rig.l0, rig.l1) == []
+    assert log_dirty(rig.log) == []
+    assert legs_differ(rig.l0, rig.l1) == []

@@ -6,10 +6,12 @@ Legs are image files, or dmuser devices stacked on image files (``linear``
 resync can be paused deterministically by suspending the source leg device:
 the copy waits at that device's door.
 
-Every test removes its devices users first before the daemon fixture's
-teardown runs (:func:`unstack`): the daemon's own shutdown does not cope with
-stacked devices yet (it suspends every device, then flushes each one through
-its table into devices already suspended).
+The ``d`` fixture tears each test's devices down with
+:meth:`helpers.Daemon.unstack` before the daemon fixture's teardown.  The
+daemon's shutdown quiesces stacked devices top-down, but a test failing with a
+leg device still suspended (a source leg paused for the resync, say) would
+leave the shutdown's final flush of the mirror above it waiting; ``unstack``
+resumes every device first, then unmounts, detaches and removes users first.
 
 (Named test_mirror_integration.py, not test_mirror.py: tests/unit/test_mirror.py
 has that basename, and without __init__.py files or --import-mode=importlib two
@@ -21,13 +23,9 @@ Status words (dm-spec §5.2): ``<#legs> <leg>... <in-sync>/<regions> 1 <health>
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
-import struct
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,18 +34,18 @@ from typing import NamedTuple
 import pytest
 from helpers import (
     Daemon,
+    Io,
     assert_bytes,
-    detach_loop,
-    loops_under,
+    fsck_clean,
     make_image,
-    mounts_under,
+    mkfs_ext4,
     pattern,
     read_at,
-    umount,
     verify_at,
     wait_until,
     write_at,
 )
+from mirror_log import MAGIC, read_disk_log
 
 MiB = 1 << 20
 SECTOR = 512
@@ -97,27 +95,6 @@ def wait_health(d: Daemon, name: str, leg: int, char: str, timeout: float = 20.0
                     f"(status {d.cli('status', name).stdout.strip()})")
 
 
-class DiskLog(NamedTuple):
-    magic: int
-    version: int
-    nr_regions: int
-    clean: list[bool]
-
-    @property
-    def dirty(self) -> list[int]:
-        return [r for r, c in enumerate(self.clean) if not c]
-
-
-def read_disk_log(path: str | os.PathLike[str], regions: int) -> DiskLog:
-    """Decode a disk dirty log (dm-spec §5.5), independently of targets/dirtylog:
-    le32 magic 0x4D695272, le32 version, le64 nr_regions, the clean bitset at byte
-    1024, bit r = byte r/8 bit r%8, 1 = clean."""
-    raw = read_at(path, 0, 1024 + (regions + 7) // 8)
-    magic, version, nr = struct.unpack_from("<IIQ", raw)
-    bits = raw[1024:]
-    return DiskLog(magic, version, nr, [bool(bits[r // 8] >> (r % 8) & 1) for r in range(regions)])
-
-
 def switch(d: Daemon, name: str, table: str) -> None:
     """Live table switch of ``name`` (reload + resume), in process (fast)."""
     d.request("reload", name=name, table=table)
@@ -130,67 +107,20 @@ def sha(path: str | os.PathLike[str], offset: int = 0, nbytes: int | None = None
     return hashlib.sha256(read_at(path, offset, nbytes)).hexdigest()
 
 
-def unstack(d: Daemon) -> None:
-    """Unmount, detach, resume, then remove every device users first (see the docstring)."""
-    if not d.alive():
-        return
-    own = os.path.realpath(d.mnt)
-    for mp, _ in mounts_under(d.dir):
-        if mp != own:
-            umount(mp)
-    d.fs_mounts.clear()
-    for dev in dict.fromkeys(d.loops + loops_under(d.dir)):
-        detach_loop(dev)
-    d.loops.clear()
-    with contextlib.suppress(Exception):
-        for name in d.devices():
-            with contextlib.suppress(Exception):
-                d.request("resume", name=name)
-        for _ in range(10):
-            names = d.devices()
-            if not names:
-                break
-            for name in names:
-                with contextlib.suppress(Exception):
-                    d.request("remove", name=name)
-
-
 @pytest.fixture
 def d(daemon: Daemon) -> Iterator[Daemon]:
     yield daemon
-    unstack(daemon)
+    daemon.unstack()
 
 
-class Io(threading.Thread):
-    """One blocking call in a thread (result or error kept)."""
-
-    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(daemon=True)
-        self.fn = fn
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as exc:  # noqa: BLE001  (reported to the test)
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-def mkfs(dev: str | os.PathLike[str]) -> None:
-    res = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(dev)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-
-
-def fsck_clean(dev: str | os.PathLike[str]) -> None:
-    res = subprocess.run(["e2fsck", "-fn", str(dev)], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, f"e2fsck -fn {dev}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+def linear_legs(d: Daemon, size: int) -> None:
+    """Zeroed leg images l0.img and l1.img of ``size`` bytes, a 1 MiB log.img, and the
+    leg devices L0 and L1 (``linear`` over the images)."""
+    make_image(d.dir / "l0.img", size)
+    make_image(d.dir / "l1.img", size)
+    make_image(d.dir / "log.img", 1 * MiB)
+    for i in range(2):
+        d.create(f"L{i}", f"0 {size // SECTOR} linear l{i}.img 0")
 
 
 def drop_caches() -> None:
@@ -242,7 +172,7 @@ def test_writes_land_identically_on_every_leg(d: Daemon, nlegs: int) -> None:
 
     d.cli("remove", "m")
     hdr = read_disk_log(log, 128)
-    assert (hdr.magic, hdr.version, hdr.nr_regions) == (0x4D695272, 2, 128)
+    assert (hdr.magic, hdr.version, hdr.nr_regions) == (MAGIC, 2, 128)
     assert hdr.dirty == [], "regions left dirty after a clean remove"
 
 
@@ -398,42 +328,32 @@ def test_default_leg_failure_under_an_ext4_workload(d: Daemon) -> None:
     and the file system is clean (on the mirror and on the surviving leg's image)."""
     size = 48 * MiB
     n = size // SECTOR
-    make_image(d.dir / "l0.img", size)
-    make_image(d.dir / "l1.img", size)
-    make_image(d.dir / "log.img", 1 * MiB)
-    d.create("L0", f"0 {n} linear l0.img 0")
-    d.create("L1", f"0 {n} linear l1.img 0")
+    linear_legs(d, size)
     dev = d.create("m", f"0 {n} mirror disk 3 log.img 1024 nosync 2 L0 0 L1 0 "
                         f"2 handle_errors keep_log")
-    mkfs(dev)
+    mkfs_ext4(dev)
     mnt = d.dir / "fsmnt"
-    loop = d.losetup(dev)
-    d.mount(loop, mnt)
 
     def fail_leg0(i: int) -> None:
         if i == 10:
             switch(d, "L0", f"0 {n} error")
 
-    sums = write_files(mnt, 0, 30, fail_leg0)
-    os.sync()
-    wait_health(d, "m", 0, "D")
-    st = mirror_status(d, "m")
-    assert st.health == "DA", st
-    # the writes after the failure reached leg 1 only: their regions are out of sync
-    assert st.in_sync < st.regions, st
-    sums.update(write_files(mnt, 30, 5))
-    os.sync()
-    drop_caches()
-    check_files(mnt, sums)
-    d.umount(mnt)
-    d.detach(loop)
+    with d.loop_mounted(dev, mnt):
+        sums = write_files(mnt, 0, 30, fail_leg0)
+        os.sync()
+        wait_health(d, "m", 0, "D")
+        st = mirror_status(d, "m")
+        assert st.health == "DA", st
+        # the writes after the failure reached leg 1 only: their regions are out of sync
+        assert st.in_sync < st.regions, st
+        sums.update(write_files(mnt, 30, 5))
+        os.sync()
+        drop_caches()
+        check_files(mnt, sums)
     fsck_clean(dev)
     fsck_clean(d.dir / "l1.img")  # the surviving leg alone holds the whole file system
-    loop = d.losetup(dev, "--read-only")
-    d.mount(loop, mnt, "-o", "ro")
-    check_files(mnt, sums)
-    d.umount(mnt)
-    d.detach(loop)
+    with d.loop_mounted(dev, mnt, "-o", "ro", loop_opts=["--read-only"]):
+        check_files(mnt, sums)
     assert mirror_status(d, "m").health[0] == "D"
     assert sha(d.dir / "l0.img") != sha(d.dir / "l1.img"), "the dead leg got the writes?"
 
@@ -483,11 +403,7 @@ def test_flakey_leg_fails_writes_in_its_down_interval(d: Daemon) -> None:
 def test_losing_every_leg_gives_eio_never_wrong_data(d: Daemon) -> None:
     size = 2 * MiB
     n = size // SECTOR
-    make_image(d.dir / "l0.img", size)
-    make_image(d.dir / "l1.img", size)
-    make_image(d.dir / "log.img", 1 * MiB)
-    d.create("L0", f"0 {n} linear l0.img 0")
-    d.create("L1", f"0 {n} linear l1.img 0")
+    linear_legs(d, size)
     dev = d.create("m", f"0 {n} mirror disk 3 log.img 128 nosync 2 L0 0 L1 0")
     data = pattern("all", size)
     write_at(dev, 0, data)

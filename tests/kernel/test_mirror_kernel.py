@@ -13,24 +13,23 @@
 
 To read an exact first in-sync count, the resync is held back at its first
 copy: the mirror is created while its source leg (a linear device) is
-suspended, in the guest as in dmuser.
+suspended, in the guest as in dmuser.  Logs are decoded on the host with
+``mirror_log.py`` (written from dm-spec §5.5, independent of ``targets/dirtylog``).
 (That a clean kernel-written log is read exactly is a unit vector test:
 tests/unit/test_mirror_vectors.py.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import signal
-import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from helpers import Daemon, DaemonFactory, make_image, pattern, read_at, wait_until, write_at
+from mirror_log import MAGIC, differing_regions, read_disk_log
 
 MiB = 1 << 20
 SECTOR = 512
@@ -39,32 +38,9 @@ REGION = REGION_SECTORS * SECTOR  # 512 KiB
 NR_REGIONS = 64
 SIZE = NR_REGIONS * REGION  # 32 MiB
 N = SIZE // SECTOR
-MAGIC = 0x4D695272
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse, pytest.mark.slow,
               pytest.mark.timeout(int(os.environ.get("DMUSER_KVM_TEST_TIMEOUT", "1800")))]
-
-
-class DiskLog(NamedTuple):
-    magic: int
-    version: int
-    nr_regions: int
-    dirty: list[int]
-
-
-def read_disk_log(path: str | os.PathLike[str], regions: int = NR_REGIONS) -> DiskLog:
-    """dm-spec §5.5: le32 magic "rRiM", le32 version, le64 nr_regions; clean bitset at
-    byte 1024, bit r = byte r/8 bit r%8, 1 = clean."""
-    raw = read_at(path, 0, 1024 + (regions + 7) // 8)
-    magic, version, nr = struct.unpack_from("<IIQ", raw)
-    bits = raw[1024:]
-    return DiskLog(magic, version, nr,
-                   [r for r in range(regions) if not bits[r // 8] >> (r % 8) & 1])
-
-
-def differing_regions(a: Path, b: Path) -> list[int]:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return [r for r in range(NR_REGIONS) if fa.read(REGION) != fb.read(REGION)]
 
 
 def sha(path: Path) -> str:
@@ -82,20 +58,6 @@ def dmuser_status(d: Daemon, name: str = "m") -> str:
     data = d.request("status", name=name)
     assert isinstance(data, dict)
     return data[name][0]
-
-
-def unstack(d: Daemon) -> None:
-    """Remove devices users first (the daemon's shutdown cannot take stacked devices)."""
-    if not d.alive():
-        return
-    with contextlib.suppress(Exception):
-        for name in d.devices():
-            with contextlib.suppress(Exception):
-                d.request("resume", name=name)
-        for _ in range(5):
-            for name in d.devices():
-                with contextlib.suppress(Exception):
-                    d.request("remove", name=name)
 
 
 def dmuser_recreate(d: Daemon, log: Path, l0: Path, l1: Path) -> int:
@@ -119,7 +81,7 @@ def dmuser_recreate(d: Daemon, log: Path, l0: Path, l1: Path) -> int:
 def daemon_dir(make_daemon: DaemonFactory):  # type: ignore[no-untyped-def]
     d = make_daemon("d")
     yield d
-    unstack(d)
+    d.unstack()  # resumes a leg a failed test left suspended (it would hold the shutdown)
 
 
 # -- dmuser -> kernel --------------------------------------------------------------------
@@ -169,20 +131,20 @@ def test_kernel_resyncs_exactly_the_regions_dmuser_left_dirty(daemon_dir: Daemon
     dev = d.create("m", f"0 {N} mirror disk 3 {log} {REGION_SECTORS} nosync 2 L0 0 L1 0")
     for r in (2, 40):  # both legs alive: these regions are clean again afterwards
         write_at(dev, r * REGION + 1000, pattern(f"ok{r}", 30000))
-    wait_until(lambda: read_disk_log(log).dirty == [], 20, what="a clean log")
+    wait_until(lambda: read_disk_log(log, NR_REGIONS).dirty == [], 20, what="a clean log")
     d.request("reload", name="L1", table=f"0 {N} error")
     d.request("resume", name="L1")
     for i, (off, length) in enumerate(DEAD_LEG_WRITES):
         write_at(dev, off, pattern(f"dead{i}", length))  # succeeds: no handle_errors
-    wait_until(lambda: read_disk_log(log).dirty == DEAD_LEG_DIRTY, 20,
+    wait_until(lambda: read_disk_log(log, NR_REGIONS).dirty == DEAD_LEG_DIRTY, 20,
                what=f"regions {DEAD_LEG_DIRTY} dirty in the log")
     d.signal(signal.SIGKILL)
     d.wait()
 
-    hdr = read_disk_log(log)
+    hdr = read_disk_log(log, NR_REGIONS)
     assert (hdr.magic, hdr.version, hdr.nr_regions) == (MAGIC, 2, NR_REGIONS), hdr
     assert hdr.dirty == DEAD_LEG_DIRTY
-    assert differing_regions(l0, l1) == DEAD_LEG_DIRTY
+    assert differing_regions(l0, l1, REGION, NR_REGIONS) == DEAD_LEG_DIRTY
     want = sha(l0)  # both resyncs copy leg 0 onto leg 1
 
     # dmuser's own view of the same images, on copies
@@ -193,7 +155,7 @@ def test_kernel_resyncs_exactly_the_regions_dmuser_left_dirty(daemon_dir: Daemon
     d.start()
     dmuser_first = dmuser_recreate(d, copies / "log.img", copies / "l0.img", copies / "l1.img")
     assert sha(copies / "l1.img") == want
-    assert read_disk_log(copies / "log.img").dirty == []
+    assert read_disk_log(copies / "log.img", NR_REGIONS).dirty == []
 
     res = kvm_dm(KERNEL_RESYNC, [str(log), str(l0), str(l1)])
     print(res.stdout)
@@ -212,7 +174,7 @@ def test_kernel_resyncs_exactly_the_regions_dmuser_left_dirty(daemon_dir: Daemon
     assert shas == {"/dev/vdb": want, "/dev/vdc": want}, (shas, want)
     # on the host: identical legs, the kernel's log all clean
     assert sha(l1) == want and sha(l0) == want
-    hdr = read_disk_log(log)
+    hdr = read_disk_log(log, NR_REGIONS)
     assert (hdr.magic, hdr.version, hdr.nr_regions, hdr.dirty) == (MAGIC, 2, NR_REGIONS, [])
     print(f"dirty regions left by dmuser: {DEAD_LEG_DIRTY}; first in-sync: kernel "
           f"{kernel_first}/{NR_REGIONS}, dmuser {dmuser_first}/{NR_REGIONS}")
@@ -265,12 +227,13 @@ def test_dmuser_resyncs_exactly_the_regions_the_kernel_left_dirty(daemon_dir: Da
     assert res.marker("D1") == "0" and res.marker("CREATE") == "0", res.stdout
     assert in_sync(res.marker("STATUS")) == (NR_REGIONS, NR_REGIONS)  # no failure, just held
 
-    hdr = read_disk_log(log)
+    hdr = read_disk_log(log, NR_REGIONS)
     assert (hdr.magic, hdr.version, hdr.nr_regions) == (MAGIC, 2, NR_REGIONS), hdr
     assert hdr.dirty == KERNEL_DIRTY, hdr.dirty
     bits = int.from_bytes(bytes.fromhex(res.marker("LOGBITS")), "little")
     assert [r for r in range(NR_REGIONS) if not bits >> r & 1] == KERNEL_DIRTY
-    assert differing_regions(l0, l1) == KERNEL_DIRTY  # leg 0 took the writes, leg 1 not
+    # leg 0 took the writes, leg 1 not
+    assert differing_regions(l0, l1, REGION, NR_REGIONS) == KERNEL_DIRTY
     for name, off in KERNEL_WRITES:
         assert read_at(l0, off, 4096) == files[name]
     want = sha(l0)
@@ -278,6 +241,6 @@ def test_dmuser_resyncs_exactly_the_regions_the_kernel_left_dirty(daemon_dir: Da
     first = dmuser_recreate(d, log, l0, l1)
     assert first == NR_REGIONS - len(KERNEL_DIRTY), first
     assert sha(l1) == want == sha(l0)
-    assert read_disk_log(log).dirty == []
+    assert read_disk_log(log, NR_REGIONS).dirty == []
     print(f"dirty regions left by the kernel: {KERNEL_DIRTY}; dmuser first in-sync "
           f"{first}/{NR_REGIONS}")

@@ -1,7 +1,9 @@
 """Fixtures for the in-process unit tests (no FUSE mount, no root).
 
 Test-only helpers are exposed as fixtures (``probe_cls``, ``gate_device_cls``,
-``h``) so test modules never import this file by name.
+``h``) so test modules never import this file by name.  ``mgr`` is a fresh
+DeviceManager whose devices are removed (and checked: nothing left held or
+open) at teardown.
 
 ``unit-probe`` is a test-only target, registered once at import:
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import SimpleNamespace
 
 import pytest
@@ -205,6 +207,15 @@ async def remove_all_checked(manager: DeviceManager) -> None:
 
 def pattern(nr_sectors: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(nr_sectors * SECTOR)
+
+
+@pytest.fixture
+async def mgr() -> AsyncIterator[DeviceManager]:
+    """A DeviceManager; at teardown every device is removed, users first, and nothing
+    may be left held or open (:func:`remove_all_checked`)."""
+    manager = DeviceManager()
+    yield manager
+    await remove_all_checked(manager)
 
 
 @pytest.fixture

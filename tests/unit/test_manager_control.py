@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,13 +21,6 @@ from dmuser.errors import (
 from dmuser.manager import MAX_NAME_LEN, DeviceManager
 
 S = 512
-
-
-@pytest.fixture
-async def mgr(h: SimpleNamespace) -> AsyncIterator[DeviceManager]:
-    manager = DeviceManager()
-    yield manager
-    await h.remove_all_checked(manager)
 
 
 @pytest.fixture

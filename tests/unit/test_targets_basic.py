@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +16,6 @@ from dmuser.mapped_device import MappedDevice
 
 STATUSES = Path("/work/shared/vectors/statuses/statuses.json")
 S = 512
-
-
-@pytest.fixture
-async def mgr(h: SimpleNamespace) -> AsyncIterator[DeviceManager]:
-    manager = DeviceManager()
-    yield manager
-    await h.remove_all_checked(manager)
 
 
 @pytest.fixture
