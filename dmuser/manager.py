@@ -221,10 +221,22 @@ class DeviceManager:
     async def quiesce_all(self) -> None:
         """Suspend and flush every device, top-down; errors are logged, not raised.
 
+        Devices the user left suspended are resumed first (held I/O completes).
+
         A device is suspended (its I/O drained) and flushed while the devices
         below it still run, so its drain and its flush can reach them; the
         kernel's tools suspend stacks in the same order.
         """
+        for md in self:
+            if md.suspended:
+                # A device the user left suspended would hold the drain and the
+                # final flush of every device stacked on it forever.  Its pending
+                # reload dies with the daemon anyway: drop it and let I/O flow.
+                try:
+                    await md.clear()
+                    await md.resume()
+                except DmError as exc:
+                    log.error("%s: cannot resume for shutdown: %s", md.name, exc)
         for md in self.stack_order():
             await md.suspend()
             if md.live is None:

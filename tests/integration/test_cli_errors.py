@@ -223,7 +223,7 @@ def test_remove_device_another_stacks_on(env) -> None:
 def test_message_errors(env) -> None:
     fails(env, "message", "witness", "0", "hello", must=("does not support messages",))
     fails(env, "message", "witness", "2048", "hello", must=("sector outside device",))
-    fails(env, "message", "witness", "abc", "hello", must=("sector outside device",))
+    fails(env, "message", "witness", "abc", "hello", must=("Invalid target message parameters",))
     fails(env, "message", "witness", "0", must=("Empty message",))
     fails(env, "message", "ghost", "0", "hello", must=("ghost", "does not exist"))
 

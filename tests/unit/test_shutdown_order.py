@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import trio
+import trio.testing
 
 import targets  # noqa: F401
 from dmuser.control import dispatch
@@ -54,3 +55,25 @@ async def test_quiesce_all_flushes_every_level_and_returns(tmp_path: Path) -> No
     with trio.fail_after(5):
         await mgr.remove_all()
     assert not mgr.devices
+
+
+async def test_quiesce_all_with_a_lower_device_left_suspended(tmp_path: Path) -> None:
+    """A user-suspended lower device must not hold the daemon's shutdown forever."""
+    mgr = await _stack(tmp_path)
+    await mgr.get("a-bottom").suspend()
+    data = os.urandom(4096)
+    done: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        async def held_write() -> None:
+            await mgr.get("z-top").write(16, data)
+            done.append(True)
+
+        nursery.start_soon(held_write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done  # held at the suspended bottom device
+        with trio.fail_after(5):
+            await mgr.quiesce_all()
+    assert done  # the held write completed before shutdown
+    assert (tmp_path / "a.img").read_bytes()[16 * 512:16 * 512 + 4096] == data
+    with trio.fail_after(5):
+        await mgr.remove_all()
