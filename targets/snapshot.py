@@ -132,7 +132,7 @@ class SnapshotTarget(Target):
             valid = await self.store.read_metadata(self.complete.insert)
         except StoreError as exc:
             log.error("%s: %s", self.ti.md_name, exc.message)
-            raise self._fail_ctr("Failed to read snapshot metadata") from None
+            raise self._fail_ctr(f"Failed to read snapshot metadata ({exc.message})") from None
         if not valid:
             self.valid = False
             log.warning("Snapshot is marked invalid.")

@@ -7,10 +7,12 @@ table loaded on the same COW, e.g. snapshot-merge for LVM's ``--merge``).  The
 destination reads no metadata; when it resumes it takes the source's store and
 completed exceptions, and the source becomes invalid.
 
-dmuser difference: the core destroys a device's old table *before* resuming
-the new one (the kernel does it after).  When source and destination are the
-old and new table of the same device, the handover is therefore done when
-the (already suspended) source is destroyed, instead of being cancelled.
+The core destroys a device's old table only after the new table's resume
+hooks ran, as the kernel's ``do_resume`` does, so a handover between the old
+and new table of the same device happens at resume like any other.  (If the
+suspended source of the same device is destroyed first, the handover is
+completed then instead of being cancelled; with the current core that path is
+a fallback only.)
 
 Atomicity: the swap itself has no checkpoint; it waits first until the source
 has no pending exception, so no copy-out is in flight across it.
