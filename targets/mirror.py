@@ -17,6 +17,13 @@ Status INFO: ``<#legs> <leg>... <in-sync>/<regions> 1 <health chars> <log info>`
 (``2 254:0 254:64 8/8 1 AA 1 core``); TABLE: the log's fragment, then the legs
 and the features (``core 1 1024 2 254:0 16384 254:64 0``).
 
+Messages: the kernel's mirror takes none.  dmuser adds one extension,
+``read_balance on|off`` (``dmuser message NAME 0 read_balance on``): reads of
+regions in sync take turns over the legs without errors instead of going to
+the default leg.  It is off at every table load (the kernel's behaviour), is
+not part of the table or status strings, and any other message fails with the
+kernel's "Target type does not support messages".
+
 The target's runtime (daemon, resync, failures) is :class:`targets.mirror_set.MirrorSet`.
 It runs in a *service nursery*: ``ti.nursery`` if the core provides one, else
 the nursery in :data:`SERVICE_NURSERY` (a context variable the daemon or a test
@@ -169,6 +176,18 @@ class MirrorTarget(Target):
     async def map(self, bio: Bio) -> BlockDevice | None:
         await self.ms.map(bio)
         return None
+
+    # -- messages (dmuser extension) ----------------------------------------------------------
+
+    async def message(self, args: Sequence[str]) -> str | None:
+        """``read_balance on|off``; anything else fails as the kernel's mirror does."""
+        words = list(args)
+        if words and words[0] == "read_balance":
+            if len(words) != 2 or words[1] not in ("on", "off"):
+                raise TargetArgError("read_balance takes one argument: on or off")
+            self.ms.legs.read_balance = words[1] == "on"
+            return None
+        return await super().message(args)
 
     # -- reporting ------------------------------------------------------------------------------
 

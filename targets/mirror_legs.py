@@ -7,6 +7,11 @@ Guarantees:
   ``S`` sync (resync read/write), ``R`` read, ``U`` unknown.
 * :meth:`LegSet.choose` never returns a leg with errors: the default leg if
   healthy, else the previous legs in index order, wrapping (no read balancing).
+* :meth:`LegSet.choose_read` is what reads of an in-sync region use: the same
+  as :meth:`choose` unless :attr:`LegSet.read_balance` is on (a dmuser
+  extension, off by default), then round-robin over the legs without errors.
+  Callers use it only for regions in sync; reads of other regions keep using
+  the default leg.
 * :meth:`LegSet.fail` with ``handle_errors`` moves the default to the lowest
   healthy leg (unless the set is out of sync and ``keep_log`` is off: then a
   resync source would be lost, and the default stays) and raises a table
@@ -74,6 +79,8 @@ class LegSet:
         self.default = self.legs[0]
         self.in_sync = False
         self.leg_failure = False
+        self.read_balance = False  # dmuser extension: ``message 0 read_balance on``
+        self._next_read = 0
         self._table_event = table_event
         self._io = DmIoClient()
 
@@ -93,6 +100,24 @@ class LegSet:
         for step in range(len(self.legs)):
             leg = self.legs[(start - step) % len(self.legs)]
             if not leg.error_count:
+                return leg
+        return None
+
+    def choose_read(self) -> Leg | None:
+        """The leg a read of an *in-sync* region goes to.
+
+        Without read balancing, :meth:`choose` (the kernel's behaviour).  With
+        it, the legs without errors take turns (round-robin by bio); a leg with
+        errors is never chosen, so a leg that failed a write (and whose region
+        is about to be marked out of sync) is not read.
+        """
+        if not self.read_balance:
+            return self.choose()
+        n = len(self.legs)
+        for step in range(n):
+            leg = self.legs[(self._next_read + step) % n]
+            if not leg.error_count:
+                self._next_read = (leg.index + 1) % n
                 return leg
         return None
 

@@ -12,8 +12,10 @@ Guarantees:
   the default leg only; writes to the region being resynced wait until its
   copy is over.  A region becomes clean in the log only after its last write
   completed and every leg was flushed (disk log).
-* **Reads** go to the default leg (no balancing), skipping legs with errors;
-  a failed read is retried on another leg while one is in sync.
+* **Reads** go to the default leg, skipping legs with errors; a failed read
+  is retried on another leg while one is in sync.  With read balancing on
+  (dmuser extension, ``LegSet.read_balance``, off by default) reads of a
+  region in sync take turns over the legs without errors instead.
 * **Resync** (``mirror_resync.py``) runs only between resume and presuspend.
 * **Leg failure** (``mirror_legs.py``): with ``handle_errors`` failed writes
   are held until suspend (EIO then, or requeued to run again after resume when
@@ -215,7 +217,7 @@ class MirrorSet:
                 raise DmIOError("mirror: read-ahead of an out-of-sync region")
             await self._wait(self.reads, MirrorIo(bio, region))
             return
-        leg = self.legs.choose()
+        leg = self.legs.choose_read()
         if leg is None:
             raise DmIOError("mirror: no leg left")
         try:
@@ -249,7 +251,8 @@ class MirrorSet:
         for io in reads:
             leg: Leg | None = self.legs.default
             if self.rh.get_state(io.region) in (RegionState.CLEAN, RegionState.DIRTY):
-                leg = self.legs.choose()
+                leg = self.legs.choose_read() if self.log.in_sync(io.region) else \
+                    self.legs.choose()
             elif leg is not None and leg.error_count:
                 leg = None
             if leg is None:
