@@ -7,13 +7,18 @@ which returns when the request is complete and raises :class:`DmIOError` (or a
 subclass) when it failed.  A failed READ leaves its buffer zero-filled, as
 dm-io does.
 
-I/O policy (measured by ``tools/bench_inline``, written down in
+I/O policy (measured by ``tools/bench_inline.py``, written down in
 ``docs/io-policy.md``): ``pread``/``pwrite`` of at most
-:data:`IoPolicy.inline_max_bytes` run inline in the trio thread, larger ones
-and every ``fdatasync`` run in a worker thread under one process-wide limiter.
-A thread that has started a write is never abandoned on cancellation, so a
-write is either not started or finished.  ``os.pread``/``os.pwrite`` are used,
-never ``lseek`` + ``read``, because worker threads share the file offset.
+:data:`IoPolicy.inline_max_bytes` (default 1 MiB, the largest request FUSE
+sends; ``$DMUSER_INLINE_MAX_BYTES`` overrides it) run inline in the trio
+thread, larger ones and every ``fdatasync``, discard and zero-out run in a
+worker thread under one process-wide limiter.  An inline call is a
+cancellation point but yields to the scheduler only once every
+:data:`IoPolicy.yield_every` calls, so a loop of inline I/O cannot starve the
+other tasks.  A thread that has started a write is never abandoned on
+cancellation, so a write is either not started or finished.
+``os.pread``/``os.pwrite`` are used, never ``lseek`` + ``read``, because
+worker threads share the file offset.
 
 Durability: PREFLUSH runs ``fdatasync`` before the bio's data is written, FUA
 runs it after; an empty flush is just ``fdatasync``.
@@ -57,18 +62,33 @@ class IoPolicy:
 
     inline_max_bytes: int
     limiter: trio.CapacityLimiter
+    #: an inline call yields to the trio scheduler once every this many calls
+    yield_every: int = 16
 
 
 POLICY = IoPolicy(
-    inline_max_bytes=int(os.environ.get("DMUSER_INLINE_MAX_BYTES", "0")),
+    inline_max_bytes=int(os.environ.get("DMUSER_INLINE_MAX_BYTES", str(1 << 20))),
     limiter=trio.CapacityLimiter(16),
 )
 
+_inline_calls = 0
+
 
 async def _run(fn, *args, nbytes: int = 1 << 30):  # type: ignore[no-untyped-def]
-    """Run a blocking syscall inline or in a worker thread according to POLICY."""
+    """Run a blocking syscall inline or in a worker thread according to POLICY.
+
+    Inline, a full checkpoint (a scheduler round trip, ~10 us) is paid only
+    every ``POLICY.yield_every`` calls; the others only raise Cancelled if the
+    caller is cancelled.
+    """
+    global _inline_calls
     if nbytes <= POLICY.inline_max_bytes:
-        await trio.lowlevel.checkpoint()
+        _inline_calls += 1
+        if _inline_calls >= POLICY.yield_every:
+            _inline_calls = 0
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args, limiter=POLICY.limiter)
 
