@@ -229,7 +229,7 @@ class DeviceFS(pyfuse3.Operations):
         await self._open_node(fh).md.flush()
 
     @_translate
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         md = self._open_node(fh).md
         end = min(off + size, md.nr_sectors << SECTOR_SHIFT)
         if off >= end:
@@ -240,8 +240,8 @@ class DeviceFS(pyfuse3.Operations):
         await md.submit(Bio.read(first, buf))
         skip = off - (first << SECTOR_SHIFT)
         if skip == 0 and len(buf) == end - off:
-            return bytes(buf)
-        return bytes(memoryview(buf)[skip : skip + end - off])
+            return buf  # pyfuse3 takes any contiguous buffer: no copy of the reply
+        return memoryview(buf)[skip : skip + end - off]
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:

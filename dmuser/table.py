@@ -212,7 +212,7 @@ class Table:
 
     async def submit(self, bio: Bio) -> None:
         """Run one bio through the table; returns when complete, raises on failure."""
-        if bio.flags & ReqFlag.PREFLUSH:
+        if bio.flags and bio.flags & ReqFlag.PREFLUSH:  # IntFlag '&' costs ~1 us
             await self._flush()
             if bio.nr_sectors == 0:
                 return
@@ -221,8 +221,14 @@ class Table:
         if bio.end_sector > self.nr_sectors:
             raise DmIOError(f"{self.md_name}: access beyond end of device "
                             f"({bio.sector}+{bio.nr_sectors} > {self.nr_sectors})")
-        if bio.op is Op.FLUSH:
+        op = bio.op
+        if op is Op.FLUSH:
             await self._flush()
+            return
+        if (op is Op.READ or op is Op.WRITE) and len(self.targets) == 1 \
+                and not self.targets[0].ti.max_io_len:
+            # The common single-target table: the same result as split(), fewer steps.
+            await _run_piece(self.targets[0], bio.clone(bio.sector, bio.nr_sectors))
             return
         pieces = list(self.split(bio))
         if bio.op in (Op.DISCARD, Op.WRITE_ZEROES, Op.SECURE_ERASE):
