@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -619,6 +620,21 @@ def make_image(path: str | os.PathLike[str], nbytes: int, seed: int | str | None
         else:
             f.write(data)
     return data
+
+
+def sha(path: str | os.PathLike[str], offset: int = 0, nbytes: int | None = None) -> str:
+    """sha256 (hex) of ``nbytes`` of a file from ``offset`` (default: to its end), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = os.fstat(f.fileno()).st_size - offset if nbytes is None else nbytes
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                raise EOFError(f"{path}: short read at byte {f.tell()}")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
 
 
 def write_at(path: str | os.PathLike[str], offset: int, data: bytes, fsync: bool = True) -> None:

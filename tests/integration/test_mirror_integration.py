@@ -41,6 +41,7 @@ from helpers import (
     mkfs_ext4,
     pattern,
     read_at,
+    sha,
     verify_at,
     wait_until,
     write_at,
@@ -99,12 +100,6 @@ def switch(d: Daemon, name: str, table: str) -> None:
     """Live table switch of ``name`` (reload + resume), in process (fast)."""
     d.request("reload", name=name, table=table)
     d.request("resume", name=name)
-
-
-def sha(path: str | os.PathLike[str], offset: int = 0, nbytes: int | None = None) -> str:
-    if nbytes is None:
-        nbytes = os.path.getsize(path) - offset
-    return hashlib.sha256(read_at(path, offset, nbytes)).hexdigest()
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from helpers import (
     pattern,
     read_at,
     run_dmuser,
+    sha,
     verify_at,
     write_at,
 )
@@ -43,14 +44,6 @@ pytestmark = [pytest.mark.fuse]
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def sha(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def info(d: Daemon, name: str) -> str:

@@ -21,14 +21,22 @@ tests/unit/test_mirror_vectors.py.)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, DaemonFactory, make_image, pattern, read_at, wait_until, write_at
+from helpers import (
+    Daemon,
+    DaemonFactory,
+    make_image,
+    pattern,
+    read_at,
+    sha,
+    wait_until,
+    write_at,
+)
 from mirror_log import MAGIC, differing_regions, read_disk_log
 
 MiB = 1 << 20
@@ -41,10 +49,6 @@ N = SIZE // SECTOR
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse, pytest.mark.slow,
               pytest.mark.timeout(int(os.environ.get("DMUSER_KVM_TEST_TIMEOUT", "1800")))]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def in_sync(status_line: str) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, make_image, pattern, run_dmuser, write_at
+from helpers import Daemon, make_image, pattern, run_dmuser, sha, write_at
 
 MiB = 1 << 20
 SECTOR = 512
@@ -35,14 +35,6 @@ N = SIZE // SECTOR
 
 pytestmark = [pytest.mark.kernel, pytest.mark.fuse, pytest.mark.slow,
               pytest.mark.timeout(int(os.environ.get("DMUSER_KVM_TEST_TIMEOUT", "1800")))]
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def info(d: Daemon, name: str) -> str:
