@@ -136,9 +136,9 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
+    done = os.pwrite(fd, view, offset)
     while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -198,7 +198,8 @@ class FileDevice(BlockDevice):
         fd = self.fd
         if fd < 0:
             raise DmIOError(f"{self.status_name}: device closed", errno.EBADF)
-        if bio.flags & ReqFlag.PREFLUSH:
+        flags = bio.flags  # tested for truth first: IntFlag '&' costs ~1 us
+        if flags and flags & ReqFlag.PREFLUSH:
             await _run(os.fdatasync, fd)
         offset = bio.sector << SECTOR_SHIFT
         length = bio.nr_sectors << SECTOR_SHIFT
@@ -216,7 +217,7 @@ class FileDevice(BlockDevice):
             await self._write_zeroes(offset, length)
         elif op is not Op.FLUSH:
             raise NotSupportedError(f"{self.status_name}: operation {op.name} not supported")
-        if bio.flags & ReqFlag.FUA and length:
+        if flags and flags & ReqFlag.FUA and length:
             await _run(os.fdatasync, fd)
 
     async def _discard(self, offset: int, length: int) -> None:
