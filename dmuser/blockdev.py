@@ -74,21 +74,23 @@ POLICY = IoPolicy(
 _inline_calls = 0
 
 
-async def _run(fn, *args, nbytes: int = 1 << 30):  # type: ignore[no-untyped-def]
-    """Run a blocking syscall inline or in a worker thread according to POLICY.
-
-    Inline, a full checkpoint (a scheduler round trip, ~10 us) is paid only
-    every ``POLICY.yield_every`` calls; the others only raise Cancelled if the
-    caller is cancelled.
-    """
+async def _inline_turn() -> None:
+    """The scheduling part of one inline syscall: a cancellation point, and a
+    full checkpoint (a scheduler round trip, ~10 us) every ``POLICY.yield_every``
+    calls only."""
     global _inline_calls
+    _inline_calls += 1
+    if _inline_calls >= POLICY.yield_every:
+        _inline_calls = 0
+        await trio.lowlevel.checkpoint()
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+
+async def _run(fn, *args, nbytes: int = 1 << 30):  # type: ignore[no-untyped-def]
+    """Run a blocking syscall inline or in a worker thread according to POLICY."""
     if nbytes <= POLICY.inline_max_bytes:
-        _inline_calls += 1
-        if _inline_calls >= POLICY.yield_every:
-            _inline_calls = 0
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+        await _inline_turn()
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args, limiter=POLICY.limiter)
 
@@ -127,7 +129,9 @@ class BlockDevice:
 
 
 def _pread_full(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
+    done = os.preadv(fd, [view], offset)
+    if done == 0 and len(view):
+        raise DmIOError(f"read past end of device at byte {offset}")
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
@@ -186,13 +190,35 @@ class FileDevice(BlockDevice):
 
     async def submit(self, bio: Bio) -> None:
         try:
-            await self._submit(bio)
+            data = bio.data
+            if bio.flags or data is None or len(data) > POLICY.inline_max_bytes or self.fd < 0:
+                await self._submit(bio)
+            elif bio.op is Op.READ:  # the hot path: a plain read or write run inline
+                await _inline_turn()
+                _pread_full(self.fd, data, bio.sector << SECTOR_SHIFT)
+            elif bio.op is Op.WRITE:
+                await _inline_turn()
+                _pwrite_full(self.fd, data, bio.sector << SECTOR_SHIFT)
+            else:
+                await self._submit(bio)
         except OSError as exc:
             if bio.op is Op.READ and bio.data is not None:
                 bio.data[:] = bytes(len(bio.data))
             log.warning("%s: %s of %d sectors at %d failed: %s",
                         self.status_name, bio.op.name, bio.nr_sectors, bio.sector, exc)
             raise DmIOError(f"{self.status_name}: {exc.strerror or exc}", exc.errno) from exc
+
+    def run_inline(self, write: bool, data: memoryview, sector: int) -> None:
+        """A plain read or write of ``data`` at ``sector``, now, in the calling thread.
+
+        For callers that checked ``POLICY.inline_max_bytes`` and want no
+        scheduling at all (``MappedDevice.submit_direct``).  Raises OSError and
+        reports nothing: the caller owns the error path.
+        """
+        if write:
+            _pwrite_full(self.fd, data, sector << SECTOR_SHIFT)
+        else:
+            _pread_full(self.fd, data, sector << SECTOR_SHIFT)
 
     async def _submit(self, bio: Bio) -> None:
         fd = self.fd

@@ -237,11 +237,13 @@ class DeviceFS(pyfuse3.Operations):
         first = off >> SECTOR_SHIFT
         last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
         buf = bytearray((last - first) << SECTOR_SHIFT)
-        await md.submit(Bio.read(first, buf))
+        view = memoryview(buf)
+        if not md.submit_direct(False, first, view):
+            await md.submit(Bio.read(first, view))
         skip = off - (first << SECTOR_SHIFT)
         if skip == 0 and len(buf) == end - off:
             return buf  # pyfuse3 takes any contiguous buffer: no copy of the reply
-        return memoryview(buf)[skip : skip + end - off]
+        return view[skip : skip + end - off]
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -254,11 +256,16 @@ class DeviceFS(pyfuse3.Operations):
         end = off + len(data)
         first = off >> SECTOR_SHIFT
         last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
-        async with node.lock.hold(first, last):
-            if off & (SECTOR_SIZE - 1) == 0 and end & (SECTOR_SIZE - 1) == 0:
-                await md.submit(Bio.write(first, data))
-            else:
-                await self._write_unaligned(md, first, last, off, data)
+        aligned = off & (SECTOR_SIZE - 1) == 0 and end & (SECTOR_SIZE - 1) == 0
+        # submit_direct() never yields, so an aligned write it completes cannot
+        # interleave with a read-modify-write: it only has to find the range free.
+        if not (aligned and node.lock.is_free(first, last)
+                and md.submit_direct(True, first, data)):
+            async with node.lock.hold(first, last):
+                if aligned:
+                    await md.submit(Bio.write(first, data))
+                else:
+                    await self._write_unaligned(md, first, last, off, data)
         node.mtime_ns = time.time_ns()
         return len(data)
 

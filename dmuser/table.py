@@ -23,7 +23,7 @@ import trio
 
 from .args import parse_uint
 from .bio import Bio, Op, ReqFlag
-from .blockdev import BlockDevice
+from .blockdev import BlockDevice, FileDevice
 from .errors import DmError, DmIOError, NotSupportedError, TableError
 from .target import TARGETS, Feature, StatusType, Target, TargetContext
 
@@ -91,6 +91,13 @@ class Table:
         self._ends: list[int] = []
         self._release_fn = release_fn
         self._flush_targets: list[Target] = []
+        #: the only target, when one target without max_io_len spans the table:
+        #: data bios go to it whole, without split()
+        self._single: Target | None = None
+        #: ``(file, delta, nr_sectors)`` when the table is one target that maps
+        #: every sector straight onto a backing file (linear): plain reads and
+        #: writes may go to ``file`` at ``sector + delta`` without a bio at all
+        self.direct: tuple[FileDevice, int, int] | None = None
 
     @property
     def nr_sectors(self) -> int:
@@ -117,6 +124,11 @@ class Table:
             await table.close()
             raise
         table._flush_targets = [t for t in table.targets if t.num_flush_bios]
+        if len(table.targets) == 1 and not table.targets[0].ti.max_io_len:
+            table._single = table.targets[0]
+            remap = table._single.static_remap()
+            if remap is not None and isinstance(remap[0], FileDevice):
+                table.direct = (remap[0], remap[1], table.nr_sectors)
         return table
 
     def _add_target(self, spec: TargetSpec, get_device: Callable[[str], BlockDevice]) -> None:
@@ -211,25 +223,31 @@ class Table:
                 i += 1
 
     async def submit(self, bio: Bio) -> None:
-        """Run one bio through the table; returns when complete, raises on failure."""
-        if bio.flags and bio.flags & ReqFlag.PREFLUSH:  # IntFlag '&' costs ~1 us
+        """Run one bio through the table; returns when complete, raises on failure.
+
+        The bio itself is never changed: targets get clones (which share its
+        data buffer), as the kernel's dm core clones every bio it maps.
+        """
+        flags = bio.flags
+        if flags and flags & ReqFlag.PREFLUSH:  # IntFlag '&' costs ~1 us: test truth first
             await self._flush()
             if bio.nr_sectors == 0:
                 return
-            bio = bio.clone(bio.sector, bio.nr_sectors)
-            bio.flags &= ~ReqFlag.PREFLUSH
-        if bio.end_sector > self.nr_sectors:
+            flags &= ~ReqFlag.PREFLUSH
+        op, sector, nr_sectors = bio.op, bio.sector, bio.nr_sectors
+        if sector + nr_sectors > self._ends[-1]:
             raise DmIOError(f"{self.md_name}: access beyond end of device "
-                            f"({bio.sector}+{bio.nr_sectors} > {self.nr_sectors})")
-        op = bio.op
+                            f"({sector}+{nr_sectors} > {self.nr_sectors})")
         if op is Op.FLUSH:
             await self._flush()
             return
-        if (op is Op.READ or op is Op.WRITE) and len(self.targets) == 1 \
-                and not self.targets[0].ti.max_io_len:
-            # The common single-target table: the same result as split(), fewer steps.
-            await _run_piece(self.targets[0], bio.clone(bio.sector, bio.nr_sectors))
+        single = self._single
+        if single is not None and (op is Op.READ or op is Op.WRITE):
+            # The common one-target table: what split() would give, in fewer steps.
+            await _run_piece(single, Bio(op, sector, nr_sectors, bio.data, flags))
             return
+        if flags is not bio.flags:
+            bio = Bio(op, sector, nr_sectors, bio.data, flags)
         pieces = list(self.split(bio))
         if bio.op in (Op.DISCARD, Op.WRITE_ZEROES, Op.SECURE_ERASE):
             attr = "num_discard_bios" if bio.op is Op.DISCARD else "num_write_zeroes_bios"

@@ -144,6 +144,15 @@ class Target:
         """Device ranges this target uses; the table checks they fit."""
         return []
 
+    def static_remap(self) -> tuple[BlockDevice, int] | None:
+        """``(device, delta)`` if map() only ever sends a bio to ``device`` at
+        ``sector + delta``, whatever the bio, with no end_io and no state.
+
+        The core may then skip map() for plain reads and writes (see
+        ``Table.direct``); linear says so, every other target keeps the default.
+        """
+        return None
+
     async def presuspend(self) -> None:
         pass
 

@@ -40,5 +40,8 @@ class LinearTarget(Target):
             return f"{self.dev.status_name} {self.offset}"
         return ""
 
+    def static_remap(self) -> tuple[BlockDevice, int]:
+        return self.dev, self.offset - self.ti.begin
+
     def iterate_devices(self) -> list[DeviceRange]:
         return [DeviceRange(self.dev, self.offset, self.ti.len)]

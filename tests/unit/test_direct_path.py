@@ -1,0 +1,181 @@
+"""The direct path (Table.direct / MappedDevice.submit_direct): a one-target
+linear table onto a file serves plain FUSE reads and writes without a bio.
+
+It must keep every guarantee of the full path: bytes land where the table
+says, a suspended device holds the request, an overlapping read-modify-write
+excludes it, a table swap redirects it, and failures are reported through the
+full path."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from dmuser.fuse_ops import DeviceFS
+from dmuser.manager import DeviceManager
+from dmuser.mapped_device import MappedDevice
+
+S = 512
+
+
+class Env(SimpleNamespace):
+    mgr: DeviceManager
+    fs: DeviceFS
+    img: Path
+    fh: int
+    md: MappedDevice
+
+
+@pytest.fixture
+async def env(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[Env]:
+    mgr = DeviceManager()
+    fs = DeviceFS(mgr)
+    img = tmp_path / "a.img"
+    h.make_file(img, 64, seed=5)
+    md = await mgr.create("lin", "0 32 linear a.img 16", str(tmp_path))
+    inode = (await fs.lookup(pyfuse3.ROOT_INODE, b"lin", None)).st_ino
+    fh = (await fs.open(inode, os.O_RDWR, None)).fh
+    yield Env(mgr=mgr, fs=fs, img=img, fh=fh, md=md)
+    await fs.release(fh)
+    await h.remove_all_checked(mgr)
+
+
+@pytest.fixture
+def no_full_path(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record every request that takes the full path (MappedDevice.submit)."""
+    calls: list[object] = []
+    real = MappedDevice.submit
+
+    async def spy(self: MappedDevice, bio: object) -> None:
+        calls.append(bio)
+        await real(self, bio)
+
+    monkeypatch.setattr(MappedDevice, "submit", spy)
+    return calls
+
+
+async def test_table_direct_only_for_one_linear_target_on_a_file(tmp_path: Path,
+                                                                 h: SimpleNamespace) -> None:
+    mgr = DeviceManager()
+    h.make_file(tmp_path / "a.img", 64)
+    cwd = str(tmp_path)
+    lin = await mgr.create("lin", "0 32 linear a.img 16", cwd)
+    assert lin.live is not None and lin.live.direct is not None
+    dev, delta, nr = lin.live.direct
+    assert (dev.path, delta, nr) == (str(tmp_path / "a.img"), 16, 32)
+    two = await mgr.create("two", "0 8 linear a.img 0\n8 8 linear a.img 40", cwd)
+    stacked = await mgr.create("stacked", "0 16 linear lin 0", cwd)
+    flakey = await mgr.create("flakey", "0 16 flakey a.img 0 5 0", cwd)
+    zero = await mgr.create("zero", "0 16 zero", cwd)
+    for md in (two, stacked, flakey, zero):
+        assert md.live is not None and md.live.direct is None, md.name
+    assert two.live is not None
+    second = two.live.targets[1]   # device sector 8 + k is file sector 40 + k
+    assert second.static_remap() == (dev, 40 - 8)
+    await h.remove_all_checked(mgr)
+
+
+async def test_aligned_io_takes_the_direct_path_to_the_right_bytes(
+        env: Env, no_full_path: list[object]) -> None:
+    data = os.urandom(8 * S)
+    assert await env.fs.write(env.fh, 4 * S, data) == len(data)
+    # linear ... 16: device sector 4 is file sector 20
+    assert env.img.read_bytes()[20 * S : 28 * S] == data
+    assert await env.fs.read(env.fh, 4 * S, 8 * S) == data
+    assert no_full_path == [], "aligned I/O on a linear-on-file device went through bios"
+
+
+async def test_unaligned_write_still_read_modify_writes(env: Env,
+                                                        no_full_path: list[object]) -> None:
+    before = env.img.read_bytes()
+    await env.fs.write(env.fh, 3 * S + 100, b"x" * 300)
+    after = env.img.read_bytes()
+    assert after[19 * S + 100 : 19 * S + 400] == b"x" * 300
+    assert after[: 19 * S + 100] == before[: 19 * S + 100]
+    assert after[19 * S + 400 :] == before[19 * S + 400 :]
+    assert no_full_path, "an unaligned write must use the locked read-modify-write path"
+
+
+async def test_suspended_device_holds_direct_io(env: Env) -> None:
+    data = os.urandom(S)
+    done: list[str] = []
+    await env.md.suspend()
+
+    async def write() -> None:
+        await env.fs.write(env.fh, 0, data)
+        done.append("write")
+
+    async def read() -> None:
+        await env.fs.read(env.fh, 0, S)
+        done.append("read")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [], "I/O to a suspended device completed"
+        assert env.img.read_bytes()[16 * S : 17 * S] != data
+        await env.md.resume()
+    assert sorted(done) == ["read", "write"]
+    assert env.img.read_bytes()[16 * S : 17 * S] == data
+
+
+@pytest.mark.parametrize("held, blocks", [((3, 4), True), ((10, 12), False)])
+async def test_held_range_excludes_direct_write_only_if_it_overlaps(
+        env: Env, held: tuple[int, int], blocks: bool) -> None:
+    node = env.fs._handles[env.fh]
+    data = os.urandom(2 * S)          # device sectors 2-3
+    done, release = trio.Event(), trio.Event()
+
+    async def holder(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with node.lock.hold(*held):  # as an unaligned write in progress would
+            task_status.started()
+            await release.wait()
+
+    async def write() -> None:
+        await env.fs.write(env.fh, 2 * S, data)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(holder)
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done.is_set() is not blocks
+        assert (env.img.read_bytes()[18 * S : 20 * S] == data) is not blocks
+        release.set()
+    assert done.is_set()
+    assert env.img.read_bytes()[18 * S : 20 * S] == data
+
+
+async def test_table_swap_redirects_direct_io(env: Env, no_full_path: list[object]) -> None:
+    await env.md.load(await env.mgr.build_table(env.md, f"0 32 linear {env.img} 32", "/"))
+    await env.md.suspend()
+    await env.md.resume()
+    data = os.urandom(S)
+    await env.fs.write(env.fh, 0, data)
+    assert env.img.read_bytes()[32 * S : 33 * S] == data
+    assert no_full_path == []
+
+
+async def test_failure_is_reported_by_the_full_path(env: Env) -> None:
+    assert env.md.live is not None and env.md.live.direct is not None
+    dev = env.md.live.direct[0]
+    fd = dev.fd
+    dev.fd = -1  # every syscall on it now fails (EBADF)
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await env.fs.write(env.fh, 0, bytes(S))
+        assert info.value.errno == errno.EBADF
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await env.fs.read(env.fh, 0, S)
+        assert info.value.errno == errno.EBADF
+    finally:
+        dev.fd = fd
