@@ -208,17 +208,16 @@ class FileDevice(BlockDevice):
                         self.status_name, bio.op.name, bio.nr_sectors, bio.sector, exc)
             raise DmIOError(f"{self.status_name}: {exc.strerror or exc}", exc.errno) from exc
 
-    def run_inline(self, write: bool, data: memoryview, sector: int) -> None:
-        """A plain read or write of ``data`` at ``sector``, now, in the calling thread.
+    # Plain reads and writes now, in the calling thread, for callers that checked
+    # POLICY.inline_max_bytes and want no scheduling at all (MappedDevice's direct
+    # path).  They raise OSError and report nothing: the caller owns the error path.
 
-        For callers that checked ``POLICY.inline_max_bytes`` and want no
-        scheduling at all (``MappedDevice.submit_direct``).  Raises OSError and
-        reports nothing: the caller owns the error path.
-        """
-        if write:
-            _pwrite_full(self.fd, data, sector << SECTOR_SHIFT)
-        else:
-            _pread_full(self.fd, data, sector << SECTOR_SHIFT)
+    def pread_inline(self, sector: int, nbytes: int) -> bytes:
+        """Up to ``nbytes`` from ``sector`` (fewer only at the end of the file)."""
+        return os.pread(self.fd, nbytes, sector << SECTOR_SHIFT)
+
+    def pwrite_inline(self, sector: int, data: bytes | memoryview) -> None:
+        _pwrite_full(self.fd, data, sector << SECTOR_SHIFT)  # type: ignore[arg-type]
 
     async def _submit(self, bio: Bio) -> None:
         fd = self.fd

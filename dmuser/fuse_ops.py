@@ -235,15 +235,17 @@ class DeviceFS(pyfuse3.Operations):
         if off >= end:
             return b""
         first = off >> SECTOR_SHIFT
+        if (off | end) & (SECTOR_SIZE - 1) == 0:
+            data = md.read_direct(first, end - off)
+            if data is not None:
+                return data
         last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
         buf = bytearray((last - first) << SECTOR_SHIFT)
-        view = memoryview(buf)
-        if not md.submit_direct(False, first, view):
-            await md.submit(Bio.read(first, view))
+        await md.submit(Bio.read(first, buf))
         skip = off - (first << SECTOR_SHIFT)
         if skip == 0 and len(buf) == end - off:
             return buf  # pyfuse3 takes any contiguous buffer: no copy of the reply
-        return view[skip : skip + end - off]
+        return memoryview(buf)[skip : skip + end - off]
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -252,15 +254,15 @@ class DeviceFS(pyfuse3.Operations):
         dev_bytes = md.nr_sectors << SECTOR_SHIFT
         if off >= dev_bytes and buf:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        data = memoryview(buf)[: dev_bytes - off]
+        data = buf if off + len(buf) <= dev_bytes else memoryview(buf)[: dev_bytes - off]
         end = off + len(data)
         first = off >> SECTOR_SHIFT
         last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
         aligned = off & (SECTOR_SIZE - 1) == 0 and end & (SECTOR_SIZE - 1) == 0
-        # submit_direct() never yields, so an aligned write it completes cannot
+        # write_direct() never yields, so an aligned write it completes cannot
         # interleave with a read-modify-write: it only has to find the range free.
         if not (aligned and node.lock.is_free(first, last)
-                and md.submit_direct(True, first, data)):
+                and md.write_direct(first, data)):
             async with node.lock.hold(first, last):
                 if aligned:
                     await md.submit(Bio.write(first, data))
@@ -271,7 +273,7 @@ class DeviceFS(pyfuse3.Operations):
 
     @staticmethod
     async def _write_unaligned(md: MappedDevice, first: int, last: int, off: int,
-                               data: memoryview) -> None:
+                               data: bytes | memoryview) -> None:
         """Read-modify-write of the partial edge sectors (caller holds the range lock)."""
         merged = bytearray((last - first) << SECTOR_SHIFT)
         view = memoryview(merged)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from .bio import Bio
-from .blockdev import POLICY, BlockDevice
+from .blockdev import POLICY, BlockDevice, FileDevice
 from .errors import DeviceBusyError, DmError, DmIOError, NoSuchDeviceError, RequeueError
 from .table import Table
 from .target import StatusType
@@ -110,29 +110,45 @@ class MappedDevice(BlockDevice):
                 if self._in_flight == 0 and self._drained is not None:
                     self._drained.set()
 
-    def submit_direct(self, write: bool, sector: int, data: memoryview) -> bool:
-        """Do a plain read or write through the live table's static remap, now.
+    # -- the direct path: one linear target onto a file, no bio ---------------------------
+    #
+    # Applies when the device is not suspended, its live table is ``direct`` (see
+    # ``Table.direct``) and the request is small enough for inline I/O.  Each call
+    # returns None/False when it does not apply, and also when the syscall failed:
+    # the caller then sends the request through submit(), which waits, maps and
+    # reports errors the usual way (a failed attempt is simply repeated there).
+    # No in-flight accounting is needed: these never yield to the scheduler, so a
+    # suspend or a table swap can never find one half done.  This is the 4 KiB
+    # random I/O fast path (docs/benchmarks.md).
 
-        Applies when the device is not suspended, its live table is ``direct``
-        (one linear target onto a file, see ``Table.direct``) and ``data`` is
-        small enough for inline I/O; returns False otherwise, and also when the
-        syscall failed: the caller then sends the request through :meth:`submit`,
-        which waits, maps and reports errors the usual way (so a failed attempt
-        is simply repeated once there).
-
-        It needs no in-flight accounting: it never yields to the scheduler, so
-        a suspend or a table swap can never find it half done.  This is the
-        4 KiB random I/O fast path (docs/benchmarks.md).
-        """
+    def _direct_place(self, sector: int, nbytes: int) -> tuple[FileDevice, int] | None:
         table = self.live
         if self._suspended or table is None or table.direct is None \
-                or len(data) > POLICY.inline_max_bytes:
-            return False
+                or nbytes > POLICY.inline_max_bytes:
+            return None
         dev, delta, nr_sectors = table.direct
-        if sector + (len(data) >> SECTOR_SHIFT) > nr_sectors:
+        if sector + (nbytes >> SECTOR_SHIFT) > nr_sectors:
+            return None
+        return dev, sector + delta
+
+    def read_direct(self, sector: int, nbytes: int) -> bytes | None:
+        """``nbytes`` (whole sectors) from ``sector`` by the direct path, or None."""
+        place = self._direct_place(sector, nbytes)
+        if place is None:
+            return None
+        try:
+            data = place[0].pread_inline(place[1], nbytes)
+        except OSError:
+            return None
+        return data if len(data) == nbytes else None
+
+    def write_direct(self, sector: int, data: bytes | memoryview) -> bool:
+        """Write ``data`` (whole sectors) at ``sector`` by the direct path; False if not done."""
+        place = self._direct_place(sector, len(data))
+        if place is None:
             return False
         try:
-            dev.run_inline(write, data, sector + delta)
+            place[0].pwrite_inline(place[1], data)
         except OSError:
             return False
         return True

@@ -1,4 +1,4 @@
-"""The direct path (Table.direct / MappedDevice.submit_direct): a one-target
+"""The direct path (Table.direct / MappedDevice.read_direct, write_direct): a one-target
 linear table onto a file serves plain FUSE reads and writes without a bio.
 
 It must keep every guarantee of the full path: bytes land where the table
