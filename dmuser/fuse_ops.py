@@ -12,7 +12,12 @@ sectors and return the slice; writes read the partial edge sectors, merge, and
 write whole sectors, all under a :class:`RangeLock` on the sectors touched, so
 concurrent writes to the same sector cannot undo each other.  Writes past the
 end of the device fail with ENOSPC, reads past it return nothing (EOF), as for a
-block device.  ``fsync`` and ``flush`` (close) send an empty flush through the
+block device.  Aligned reads and writes on a device whose live table is one
+linear target onto a file take the direct path (``MappedDevice.read_direct``,
+``write_direct``: one inline ``pread``/``pwrite``, no bio; a write only when no
+read-modify-write holds an overlapping range); everything else, and anything
+the direct path declines, goes through ``MappedDevice.submit``.
+``fsync`` and ``flush`` (close) send an empty flush through the
 table, which reaches every backing file as ``fdatasync`` before they return.
 A close while the device is suspended does not flush (it would wait for the
 resume, and every fork+exec of a process holding the file open closes it).
