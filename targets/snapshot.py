@@ -28,18 +28,24 @@ order, but COW chunks must be allocated in sector order to reproduce the
 kernel's COW layout byte for byte.  Sectors are not offset by ``ti.begin``
 (the kernel's quirk; tables put these targets at sector 0).
 
+Copy-outs run in the target's service (``snapshot_service.Service.copy``: one
+task reads the origin chunk and writes the COW chunk, no kcopyd), then enter
+the commit loop of :meth:`SnapshotTarget._copy_done`, which one task at a time
+runs, in allocation order.  Bios whose chunks all map to consecutive COW
+chunks go down as one piece.
+
 Fields: everything is changed only between checkpoints (trio is
 single-threaded); ``pending``, ``complete`` and the sequence counters are
 additionally only changed by map planning (no checkpoint inside) and by the
-kcopyd worker task, which runs one callback at a time.
+commit loop, which one task at a time runs (``_committing``).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import trio
 
@@ -53,15 +59,15 @@ from . import snapshot_handover as handover
 from .exstore import CowFullError, ExceptionStore, StoreArgError, StoreError, create_store
 from .snapshot_core import (
     PENDING_DONE,
-    ChunkTracker,
-    ExceptionTable,
     PendingException,
     discard,
     get_device,
     parse_features,
     run_all,
 )
+from .snapshot_io import plan
 from .snapshot_service import Service
+from .snapshot_table import ChunkTracker, ExceptionTable
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +109,11 @@ class SnapshotTarget(Target):
         self._next_seq = 0           # exception_start_sequence
         self._complete_seq = 0       # exception_complete_sequence
         self._out_of_order: dict[int, PendingException] = {}
+        self._committing = False     # a task is running the commit loop of _copy_done
         self.in_progress = 0         # copies started and not called back (throttle)
         self._progress = trio.Event()
         self._dropped: trio.Event | None = None  # set once drop_snapshot finished
-        self.service = Service(f"{ti.md_name}:{self.name}")
+        self.service = Service(f"{ti.md_name}:{self.name}", ti.nursery)
         self._check_merge_ctr()
         handover.register_snapshot(self)
 
@@ -178,7 +185,7 @@ class SnapshotTarget(Target):
 
     # -- pending exceptions --------------------------------------------------------------
 
-    def _new_pending(self, chunk: int) -> PendingException | None:
+    def new_pending(self, chunk: int) -> PendingException | None:
         """Allocate a COW chunk and record a pending exception; None if the COW is full."""
         try:
             new_chunk = self.store.prepare_exception()
@@ -190,7 +197,7 @@ class SnapshotTarget(Target):
         return pe
 
     def new_pending_for_origin(self, chunk: int) -> PendingException | None:
-        pe = self._new_pending(chunk)
+        pe = self.new_pending(chunk)
         if pe is None:
             self.invalidate(errno.ENOMEM)
         return pe
@@ -203,38 +210,51 @@ class SnapshotTarget(Target):
         cs = self.store.chunk_size
         src = pe.old_chunk * cs
         count = max(0, min(cs, self.origin.nr_sectors - src))
-        assert self.service.kc is not None
-        self.service.kc.copy(Region(self.origin, src, count),
-                             [Region(self.cow, pe.new_chunk * cs, count)], 0,
-                             self._copy_callback, pe)
+        if not self.service.copy(Region(self.origin, src, count),
+                                 Region(self.cow, pe.new_chunk * cs, count),
+                                 lambda failed: self._copy_done(pe, failed)):
+            self._lost(pe)
 
-    def _start_full_bio(self, pe: PendingException, piece: Bio) -> None:
+    def start_full_bio(self, pe: PendingException, piece: Bio) -> None:
         """The snapshot write covers the whole chunk: it is the copy (``start_full_bio``)."""
         pe.started = True
         self.in_progress += 1
-        assert self.service.kc is not None
-        callback = self.service.kc.prepare_callback(self._copy_callback, pe)
 
         async def write() -> None:
-            failed = 0
+            failed = False
             try:
                 await self.cow.submit(piece)
             except DmIOError:
-                failed = 1
-            callback.do_callback(False, failed)
+                failed = True
+            await self._copy_done(pe, failed)
 
         if not self.service.start_io(write):
-            callback.do_callback(False, 1)
+            self._lost(pe)
 
-    def _copy_callback(self, read_err: bool, write_err: int,
-                       pe: PendingException) -> Awaitable[None]:
-        return self._copy_done(pe, bool(read_err) or bool(write_err))
+    def _lost(self, pe: PendingException) -> None:
+        """The service is gone (target closing): fail the exception and the snapshot."""
+        self.copy_finished()
+        self.invalidate(errno.EIO)
+        if self.pending.get(pe.old_chunk) is pe:
+            del self.pending[pe.old_chunk]
+        pe.error = True
+        pe.done.set()
 
     async def _copy_done(self, pe: PendingException, failed: bool) -> None:
-        """Runs in the kcopyd worker, one at a time: commit in allocation order."""
+        """A copy (or full-chunk write) ended: commit, in allocation order.
+
+        Runs in the copy's own service task.  One task at a time runs the
+        commit loop (``_committing``); a copy finishing meanwhile only queues
+        its exception, and the running loop commits it when its turn comes
+        (its check follows every await), so commits never overlap and go in
+        sequence order, as with the kernel's single kcopyd callback thread.
+        """
         self.copy_finished()
         pe.copy_error = failed
         self._out_of_order[pe.seq] = pe
+        if self._committing:
+            return
+        self._committing = True
         try:
             while self._complete_seq in self._out_of_order:
                 e = self._out_of_order.pop(self._complete_seq)
@@ -250,6 +270,8 @@ class SnapshotTarget(Target):
                 e.error = True
                 e.done.set()
             self.pending.clear()
+        finally:
+            self._committing = False
 
     async def _pending_complete(self, pe: PendingException, success: bool) -> None:
         if not success:
@@ -318,78 +340,8 @@ class SnapshotTarget(Target):
             return None
         tracked: list[int] = []
         try:
-            await run_all(self._plan(bio, tracked))
+            await run_all(plan(self, bio, tracked))
         finally:
             for chunk in tracked:
                 self.tracker.untrack(chunk)
         return None
-
-    def _plan(self, bio: Bio, tracked: list[int]) -> list[Awaitable[None]]:
-        """Route every chunk piece of ``bio`` (no checkpoint: allocation happens in order).
-
-        Returns the I/O to await.  Consecutive pieces going to consecutive
-        sectors of one device are merged into one request.
-        """
-        cs, shift, mask = self.store.chunk_size, self.store.chunk_shift, self.store.chunk_mask
-        remaps: list[list[Any]] = []  # [dev, dev_sector, bio_sector, nr]
-        jobs: list[Awaitable[None]] = []
-        sector, end = bio.sector, bio.end_sector
-        while sector < end:
-            chunk = sector >> shift
-            nr = min(end, (chunk + 1) << shift) - sector
-            new_chunk = self.complete.get(chunk)
-            if new_chunk is not None or not bio.is_write:
-                if new_chunk is not None:
-                    dev, dev_sector = self.cow, new_chunk * cs + (sector & mask)
-                else:
-                    dev, dev_sector = self.origin, sector
-                    self.tracker.track(chunk)
-                    tracked.append(chunk)
-                last = remaps[-1] if remaps else None
-                if last and last[0] is dev and last[1] + last[3] == dev_sector \
-                        and last[2] + last[3] == sector:
-                    last[3] += nr
-                else:
-                    remaps.append([dev, dev_sector, sector, nr])
-            else:
-                jobs.append(self._plan_write(bio, chunk, sector, nr))
-            sector += nr
-        for dev, dev_sector, bio_sector, nr in remaps:
-            piece = bio.clone(bio_sector, nr)
-            piece.sector = dev_sector
-            jobs.append(dev.submit(piece))
-        return jobs
-
-    def _plan_write(self, bio: Bio, chunk: int, sector: int, nr: int) -> Awaitable[None]:
-        """A write to a chunk without a completed exception (dm-spec §4.7 step 9)."""
-        pe = self.pending.get(chunk) or self._new_pending(chunk)
-        if pe is None:
-            if getattr(self.store, "overflow_ok", False):
-                if self.valid and not self.overflowed:
-                    self.overflowed = True
-                    log.error("Snapshot overflowed: Unable to allocate exception.")
-            else:
-                self.invalidate(errno.ENOMEM)
-            return self._fail_after_drop("snapshot COW device is full")
-        cs = self.store.chunk_size
-        piece = bio.clone(sector, nr)
-        piece.sector = pe.new_chunk * cs + (sector & self.store.chunk_mask)
-        if not pe.started and nr == cs:
-            self._start_full_bio(pe, piece)
-            return _wait_pending(pe, None, None)
-        if not pe.started:
-            self.start_copy(pe)
-        return _wait_pending(pe, self.cow, piece)
-
-    async def _fail_after_drop(self, text: str) -> None:
-        await self.wait_invalidated()
-        raise DmIOError(text)
-
-
-async def _wait_pending(pe: PendingException, dev: BlockDevice | None, piece: Bio | None) -> None:
-    """Wait for the exception's commit, then send the queued snapshot bio to the COW."""
-    await pe.done.wait()
-    if pe.error:
-        raise DmIOError("snapshot exception failed")
-    if dev is not None and piece is not None:
-        await dev.submit(piece)

@@ -1,11 +1,10 @@
 """Shared machinery of snapshot, snapshot-origin and snapshot-merge (from ``dm-snap.c``).
 
-* :class:`ExceptionTable` -- completed exceptions, with the kernel's runs of
-  consecutive chunks (they matter only for merge's corruption checks).
-* :class:`ChunkTracker` -- I/O in flight per chunk ("tracked chunks"): reads
-  through a snapshot that go to the origin, and merge's COW writes.  A copy-out
-  releases the origin write only once no tracked read of the chunk is left, so
-  a snapshot read never sees data written to the origin after the snapshot.
+* ``snapshot_table``: :class:`ExceptionTable` (completed exceptions) and
+  :class:`ChunkTracker` (I/O in flight per chunk: reads through a snapshot that
+  go to the origin, merge's COW writes).  A copy-out releases the origin write
+  only once no tracked read of the chunk is left, so a snapshot read never sees
+  data written to the origin after the snapshot.
 * :class:`PendingException` -- one copy-out in progress.
 * The **origin registry** (the kernel's ``_origins`` hash): every snapshot
   registers under its origin device in its constructor and leaves in its
@@ -43,105 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Split boundary of an origin with no snapshot (the kernel's 2^31 sectors).
 NO_SNAPSHOT_SPLIT = 1 << 31
-
-
-class ExceptionTableError(DmError):
-    """The in-core table and the store disagree (merge corruption checks)."""
-
-
-class ExceptionTable:
-    """Completed exceptions ``old_chunk -> new_chunk`` (the kernel's ``complete`` table).
-
-    Lookups use a plain dict.  Runs are kept as the kernel keeps them (an
-    inserted exception extends a run it directly follows or precedes, within
-    its bucket ``old_chunk >> 8``) only so that :meth:`remove` reports the
-    kernel's errors for chunks removed out of order.
-    """
-
-    def __init__(self) -> None:
-        self._map: dict[int, int] = {}
-        self._runs: dict[int, list[list[int]]] = {}  # bucket -> sorted [old, new, extra]
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def __contains__(self, old_chunk: int) -> bool:
-        return old_chunk in self._map
-
-    def get(self, old_chunk: int) -> int | None:
-        return self._map.get(old_chunk)
-
-    def items(self) -> Iterable[tuple[int, int]]:
-        return self._map.items()
-
-    def insert(self, old_chunk: int, new_chunk: int) -> None:
-        self._map[old_chunk] = new_chunk
-        bucket = self._runs.setdefault(old_chunk >> 8, [])
-        for i, run in enumerate(bucket):
-            old, new, extra = run
-            if old_chunk == old + extra + 1 and new_chunk == new + extra + 1:
-                run[2] += 1
-                return
-            if old_chunk == old - 1 and new_chunk == new - 1:
-                run[0], run[1], run[2] = old - 1, new - 1, extra + 1
-                return
-            if old_chunk < old:
-                bucket.insert(i, [old_chunk, new_chunk, 0])
-                return
-        bucket.append([old_chunk, new_chunk, 0])
-
-    def remove(self, old_chunk: int) -> None:
-        """Forget one merged chunk; it must be the first or last of its run."""
-        bucket = self._runs.get(old_chunk >> 8, [])
-        run = next((r for r in bucket if r[0] <= old_chunk <= r[0] + r[2]), None)
-        if run is None:
-            raise ExceptionTableError(f"Corruption detected: exception for block {old_chunk} "
-                                      "is on disk but not in memory")
-        old, _, extra = run
-        if not extra:
-            bucket.remove(run)
-        elif old_chunk == old:
-            run[0], run[1], run[2] = run[0] + 1, run[1] + 1, extra - 1
-        elif old_chunk == old + extra:
-            run[2] -= 1
-        else:
-            raise ExceptionTableError(f"Attempt to merge block {old_chunk} from the middle of "
-                                      f"a chunk range [{old} - {old + extra}]")
-        del self._map[old_chunk]
-
-    def swap(self, other: ExceptionTable) -> None:
-        self._map, other._map = other._map, self._map
-        self._runs, other._runs = other._runs, self._runs
-
-
-class ChunkTracker:
-    """Counts I/O in flight per chunk; :meth:`wait_idle` waits until a range has none."""
-
-    def __init__(self) -> None:
-        self._count: dict[int, int] = {}
-        self._idle: dict[int, trio.Event] = {}
-
-    def track(self, chunk: int) -> None:
-        self._count[chunk] = self._count.get(chunk, 0) + 1
-
-    def untrack(self, chunk: int) -> None:
-        n = self._count[chunk] - 1
-        if n:
-            self._count[chunk] = n
-            return
-        del self._count[chunk]
-        event = self._idle.pop(chunk, None)
-        if event is not None:
-            event.set()
-
-    def is_tracked(self, chunk: int) -> bool:
-        return chunk in self._count
-
-    async def wait_idle(self, first_chunk: int, nr_chunks: int = 1) -> None:
-        """Return once no tracked I/O is left in ``[first_chunk, first_chunk + nr_chunks)``."""
-        for chunk in range(first_chunk, first_chunk + nr_chunks):
-            while chunk in self._count:
-                await self._idle.setdefault(chunk, trio.Event()).wait()
 
 
 @dataclass(eq=False)
@@ -263,14 +163,31 @@ def origin_write_nowait(snapshots: Iterable[SnapshotTarget], sector: int,
     return waits
 
 
+def _needs_no_copy(snap: SnapshotTarget, start: int, end: int) -> bool:
+    """True if an origin write of ``[start, end)`` needs nothing from ``snap``: every
+    chunk it touches has a completed exception and none has a pending one."""
+    end = min(end, snap.dev_end)
+    if start >= end:
+        return True
+    shift = snap.store.chunk_shift
+    first, last = start >> shift, (end - 1) >> shift
+    if not snap.complete.covers(first, last):
+        return False
+    pending = snap.pending
+    return not pending or not any(map(pending.__contains__, range(first, last + 1)))
+
+
 async def do_origin(origin_dev: BlockDevice, bio: Bio, throttle: bool) -> None:
     """Copy out every chunk a write to the origin is about to overwrite (``do_origin``).
 
     Returns when no active snapshot needs a copy of any chunk the bio touches;
-    the caller then sends the bio to the origin.  The bio is cut at the
+    the caller then sends the bio to the origin (whole: it is never split).
+    When every chunk the bio touches is already copied in every snapshot, one
+    range check per snapshot decides that.  Otherwise the bio is cut at the
     smallest chunk size of the origin's snapshots, so each piece lies inside
-    one chunk of every snapshot.  Pieces are looked at in sector order, so COW
-    chunks are allocated in the kernel's order.
+    one chunk of every snapshot, and the pieces are looked at in sector order,
+    so COW chunks are allocated in the kernel's order; pieces already copied
+    cost a lookup each.
     """
     origin = lookup_origin(origin_dev)
     if origin is None or not origin.snapshots:
@@ -278,12 +195,15 @@ async def do_origin(origin_dev: BlockDevice, bio: Bio, throttle: bool) -> None:
     if throttle:
         for snap in list(origin.snapshots):
             await snap.wait_throttle()
+    start, end = bio.sector, bio.end_sector
     while True:
+        snaps = [s for s in origin.snapshots if s.active and s.valid and not s.is_merge]
+        if all(_needs_no_copy(s, start, end) for s in snaps):
+            break
         step = origin.min_chunk_size()
-        sectors = [bio.sector, *range((bio.sector // step + 1) * step, bio.end_sector, step)]
         waits: list[PendingException] = []
-        for sector in sectors:
-            waits.extend(origin_write_nowait(list(origin.snapshots), sector))
+        for sector in (start, *range((start // step + 1) * step, end, step)):
+            waits.extend(origin_write_nowait(snaps, sector))
         if not waits:
             break
         for pe in waits:

@@ -39,14 +39,9 @@ from dmuser.target import TARGETS, TargetContext
 
 from .exstore import StoreError
 from .snapshot import SnapshotTarget
-from .snapshot_core import (
-    PENDING_DONE,
-    ExceptionTableError,
-    do_origin,
-    lookup_origin,
-    origin_write_nowait,
-)
+from .snapshot_core import PENDING_DONE, do_origin, lookup_origin, origin_write_nowait
 from .snapshot_handover import find_sharing_cow
+from .snapshot_table import ExceptionTableError
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +180,19 @@ class SnapshotMergeTarget(SnapshotTarget):
     # -- I/O -----------------------------------------------------------------------------
 
     async def map(self, bio: Bio) -> BlockDevice | None:
-        """``snapshot_merge_map``: chunk by chunk, in sector order."""
+        """``snapshot_merge_map``: chunk by chunk, in sector order; a bio touching
+        no chunk with an exception goes to the origin whole."""
         if bio.is_empty_flush or bio.nr_sectors == 0:
             return self.cow if bio.target_ctx == 1 else self.origin
         if bio.op is Op.DISCARD:
             return None  # once merging, discards no longer effect change
         shift = self.store.chunk_shift
+        first, last = bio.sector >> shift, (bio.end_sector - 1) >> shift
+        if not self.valid or not self.complete.covers_any(first, last):
+            # no chunk is (still) in the COW: the whole bio goes to the origin
+            if bio.is_write:
+                await do_origin(self.origin, bio, throttle=False)
+            return self.origin
         sector = bio.sector
         while sector < bio.end_sector:
             chunk = sector >> shift

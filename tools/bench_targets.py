@@ -19,7 +19,9 @@ Builds on ``tools/bench`` (loaded as a module: its helpers, its ``raw``,
     phases: *first*: each write hits a chunk never written since the snapshot
     (4 KiB random: one write per 64 KiB slot, in a random order replayed from
     an fio iolog; 1 MiB sequential: the whole area once); *rewrite*: the very
-    same writes again.  Size-bound runs (no wrap-around).
+    same writes again.  Size-bound runs (no wrap-around).  ``origin-64k-n`` is
+    ``origin-64k`` with a transient (N) store; ``--jobs`` picks jobs;
+    ``--iodepth N`` runs the 4 KiB job with libaio at depth N.
 
 ``resync``
     A 1 GiB 2-leg mirror created with ``sync`` (core log, 2 MiB regions), timed
@@ -118,13 +120,14 @@ bench.GOALS.append(("seq-write-1m", "mirror-disk", "raw", 0.45))
 
 class _Snap(bench.DmuserSetup):
     chunk = 8
+    store = "P"
 
     def devices(self, ctx: Any) -> list[tuple[str, str]]:
         # COW: every origin chunk may be copied once, plus metadata (16 bytes per
         # exception, 1 header chunk) and slack
         cow = ctx.scratch_file(f"{self.name}-cow.img", ctx.size + ctx.size // 8 + 4 * MiB)
         return [(f"bench-{self.name}-snap",
-                 f"0 {ctx.sectors} snapshot {ctx.raw} {cow} P {self.chunk}"),
+                 f"0 {ctx.sectors} snapshot {ctx.raw} {cow} {self.store} {self.chunk}"),
                 (f"bench-{self.name}", f"0 {ctx.sectors} snapshot-origin {ctx.raw}")]
 
 
@@ -138,6 +141,13 @@ class Origin4k(_Snap):
 class Origin64k(_Snap):
     description = "snapshot-origin with one persistent snapshot, 64 KiB chunks"
     chunk = 128
+
+
+@bench.setup("origin-64k-n")
+class Origin64kN(_Snap):
+    description = "snapshot-origin with one transient (N) snapshot, 64 KiB chunks"
+    chunk = 128
+    store = "N"
 
 
 @bench.setup("qcow2")
@@ -184,9 +194,11 @@ def write_iolog(path: str, target: str, size: int, stride: int, bs: int, seed: i
 
 
 def fio_once(name: str, path: str, size: int, rw: str, bs: str, extra: list[str],
-             pids: list[int]) -> dict[str, Any]:
+             pids: list[int], iodepth: int = 1) -> dict[str, Any]:
+    engine = ["--ioengine=psync", "--iodepth=1"] if iodepth == 1 else \
+        ["--ioengine=libaio", f"--iodepth={iodepth}"]
     cmd = ["fio", f"--name={name}", f"--filename={path}", f"--size={size}", f"--rw={rw}",
-           f"--bs={bs}", "--direct=1", "--ioengine=psync", "--iodepth=1", "--numjobs=1",
+           f"--bs={bs}", "--direct=1", *engine, "--numjobs=1",
            "--allow_file_create=0", "--output-format=json", *extra]
     cpu0 = bench.cpu_seconds(pids)
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -207,8 +219,9 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     names = args.setups.split(",")
     results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     iolog = os.path.join(ctx.workdir, "rand.iolog")
+    jobs = args.jobs.split(",")
     for rep in range(args.repeat):
-        for job in SNAP_JOBS:
+        for job in jobs:
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 s = bench.SETUPS[name]()
                 s.check()
@@ -223,7 +236,7 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
                             n = write_iolog(iolog, path, ctx.size, 64 << 10, 4096, seed=rep)
                             r = fio_once(job, path, ctx.size, "randwrite", "4k",
                                          [f"--read_iolog={iolog}", "--replay_no_stall=1"],
-                                         s.pids())
+                                         s.pids(), args.iodepth)
                             assert r["ios"] == n, (r["ios"], n)
                             value = r["iops"]
                         else:
@@ -252,7 +265,7 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if "qcow2" in names:
         head += [f"{n}/qcow2" for n in names if n.startswith("origin")]
     rows = []
-    for job in SNAP_JOBS:
+    for job in jobs:
         unit = "IOPS" if "4k" in job else "MB/s"
         for phase in ("first", "rewrite"):
             row = [job, phase, unit, *[bench.fmt(med[n][job][phase], unit) for n in names]]
@@ -265,13 +278,13 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w)
                         in enumerate(zip(r, widths, strict=True))))
     goals = []
-    if "origin-64k" in med and "qcow2" in med:
+    if "origin-64k" in med and "qcow2" in med and "rand-write-4k" in jobs:
         x = med["origin-64k"]["rand-write-4k"]["first"] / med["qcow2"]["rand-write-4k"]["first"]
         goals.append(("origin-64k first-write rand-write-4k / qcow2", x, 1.0))
     if "linear" in med:
         for n in names:
             if n.startswith("origin"):
-                for job in SNAP_JOBS:
+                for job in jobs:
                     x = med[n][job]["rewrite"] / med["linear"][job]["rewrite"]
                     goals.append((f"{n} rewrite {job} / linear", x, 0.8))
     print()
@@ -409,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--setups", default="linear,origin-4k,origin-64k,qcow2",
                    help="snapshot: setups in run order")
+    p.add_argument("--jobs", default=",".join(SNAP_JOBS),
+                   help="snapshot: jobs, a subset of " + ",".join(SNAP_JOBS))
+    p.add_argument("--iodepth", type=int, default=1,
+                   help="snapshot rand-write-4k: fio iodepth (> 1 uses libaio)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--dir", help="work directory (default: new one under /var/tmp)")
     args = p.parse_args(argv)

@@ -579,3 +579,191 @@ async def test_crash_images_never_lose_snapshot_data(env: Env, seed: int) -> Non
             assert bytes(await md.read(0, SIZE)) == view, f"crash image {i}"
         finally:
             await md.close()
+
+
+# -- fast paths: whole-range checks, one piece per run, the copier ---------------------------
+
+
+def area_records(env: Env, cow: str, n: int, chunk_bytes: int = 4096) -> list[tuple[int, int]]:
+    area = bytes(env.devs[cow].buf[chunk_bytes:chunk_bytes + 16 * n])  # type: ignore[attr-defined]
+    return [struct.unpack_from("<QQ", area, 16 * i) for i in range(n)]
+
+
+async def test_origin_write_mixing_copied_and_uncopied_chunks(env: Env) -> None:
+    """One origin bio over chunks already copied (in one snapshot or both) and not
+    yet copied: only the missing ones are copied, in sector order, and both
+    snapshots keep their data; the bio reaches the origin whole, after the copies."""
+    origin = await env.create("origin", f"0 {SIZE} snapshot-origin base")
+    before = bytes(await origin.read(0, SIZE))
+    s1 = await env.snapshot("s1", "base cow P 8")
+    s2 = await env.snapshot("s2", "base cow2 N 16")
+    await origin.write(8, data(1, 1))      # s1 chunk 1, s2 chunk 0
+    await origin.write(27, data(3, 2))     # s1 chunk 3, s2 chunk 1
+    mid = bytes(await origin.read(0, SIZE))
+    assert area_records(env, "cow", 2) == [(1, 2), (3, 3)]
+    env.log.clear()
+    await origin.write(4, data(9, 44))     # sectors 4..47: s1 chunks 0..5, s2 chunks 0..2
+    assert area_records(env, "cow", 7) == [(1, 2), (3, 3), (0, 4), (2, 5), (4, 6), (5, 7),
+                                           (0, 0)]
+    base_writes = [(e[2], e[3]) for e in env.log if e[0] == "WRITE" and e[1] == "base"]
+    assert base_writes == [(4, 44)]
+    assert env.log[-1][:4] == ("WRITE", "base", 4, 44)   # after every copy and commit
+    assert bytes(await s1.read(0, SIZE)) == before
+    assert bytes(await s2.read(0, SIZE)) == before
+    assert mid != before
+    assert env.status("s2") == "48/1024 0"               # chunks 0, 1, 2 of 16
+    env.log.clear()
+    await origin.write(0, data(5, 48))                     # everything copied: no copy
+    assert [e[1] for e in env.log] == ["base"]
+    assert bytes(await s1.read(0, SIZE)) == before
+
+
+async def test_origin_write_over_copied_chunks_waits_for_tracked_read(env: Env) -> None:
+    """Chunks 1 and 2 both have completed exceptions, but chunk 2's is still held
+    by a tracked snapshot read: a write over both must wait for that read."""
+    origin, snap = await origin_env(env)
+    base = env.devs["base"]
+    old = bytes(base.buf[8 * 512:24 * 512])  # type: ignore[attr-defined]
+    await origin.write(8, data(1, 1))                      # chunk 1 copied
+    gate = trio.Event()
+    base.read_gate[16] = gate  # type: ignore[attr-defined]
+    done: list[str] = []
+    got: list[bytes] = []
+
+    async def snap_read() -> None:
+        got.append(bytes(await snap.read(16, 8)))
+        done.append("read")
+
+    async def origin_write(sector: int, nr: int, tag: str) -> None:
+        await origin.write(sector, data(0xEE, nr))
+        done.append(tag)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snap_read)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(origin_write, 16, 1, "w1")      # copies chunk 2 out
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 in snap.live.targets[0].complete  # type: ignore[union-attr]
+        nursery.start_soon(origin_write, 8, 16, "w2")      # chunks 1, 2: all "copied"
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == []
+        assert bytes(base.buf[16 * 512:24 * 512]) == old[8 * 512:]  # type: ignore[attr-defined]
+        gate.set()
+    assert done[0] == "read" and got == [old[8 * 512:]]
+    assert bytes(await snap.read(8, 16)) == old
+
+
+async def test_snapshot_io_goes_down_one_piece_per_run(env: Env) -> None:
+    origin, snap = await origin_env(env)
+    before = bytes(await snap.read(0, SIZE))
+    await origin.write(16, data(1, 1))                     # chunk 2 -> COW chunk 2
+    await origin.write(0, data(2, 16))                     # chunks 0, 1 -> COW chunks 3, 4
+    await origin.write(24, data(3, 8))                     # chunk 3 -> COW chunk 5
+    env.log.clear()
+    assert bytes(await snap.read(0, 16)) == before[:16 * 512]
+    assert [e[1:4] for e in env.log] == [("cow", 24, 16)]
+    env.log.clear()
+    assert bytes(await snap.read(0, 48)) == before[:48 * 512]
+    assert sorted(e[1:4] for e in env.log) == [("base", 32, 16), ("cow", 16, 8),
+                                               ("cow", 24, 16), ("cow", 40, 8)]
+    env.log.clear()
+    await snap.write(16, data(7, 16))                      # chunks 2, 3 -> COW 2, 5: two
+    assert sorted(e[1:4] for e in env.log) == [("cow", 16, 8), ("cow", 40, 8)]
+    env.log.clear()
+    await snap.write(4, data(8, 8))                        # chunks 0, 1 -> COW 3, 4: one
+    assert [e[1:4] for e in env.log] == [("cow", 28, 8)]
+    want = bytearray(before)
+    want[16 * 512:32 * 512] = data(7, 16)
+    want[4 * 512:12 * 512] = data(8, 8)
+    assert bytes(await snap.read(0, SIZE)) == bytes(want)
+
+
+async def test_merge_bio_without_exceptions_goes_to_the_origin_whole(env: Env) -> None:
+    origin, snap = await origin_env(env)
+    await snap.write(40, data(1, 8))                       # chunk 5 only
+    other = await env.snapshot("other", "base cow2 P 8")
+    await env.mds.pop("snap").close()
+    await env.reload("origin", f"0 {SIZE} snapshot-merge base cow P 8")
+    await origin.suspend()
+    await origin.resume()
+    await wait_for(lambda: env.status("origin") == "16/1024 16")
+    keep = bytes(await other.read(0, SIZE))
+    env.log.clear()
+    await origin.write(0, data(2, 64))                     # chunks 0..7, none in the COW
+    base_writes = [e[2:4] for e in env.log if e[0] == "WRITE" and e[1] == "base"]
+    assert base_writes == [(0, 64)]
+    assert bytes(await other.read(0, SIZE)) == keep        # other snapshot copied out
+    assert bytes(await origin.read(0, 64)) == data(2, 64)
+
+
+def test_exception_table_insert_matches_the_kernel_walk() -> None:
+    from targets.snapshot_table import ExceptionTable
+
+    rng = random.Random(7)
+    for _ in range(30):
+        table, ref = ExceptionTable(), ExceptionTable()
+        olds = rng.sample(range(600), 300)
+        if rng.random() < 0.5:
+            olds.sort(reverse=rng.random() < 0.5)
+        news = list(range(2, 302))
+        if rng.random() < 0.3:
+            rng.shuffle(news)
+        for old, new in zip(olds, news, strict=True):
+            table.insert(old, new)
+            ref._map[old] = new
+            ExceptionTable._insert_walk(ref._runs.setdefault(old >> 8, []), old, new)
+        assert table._runs == ref._runs
+        assert dict(table.items()) == dict(ref.items())
+
+
+def test_exception_table_covers() -> None:
+    from targets.snapshot_table import ExceptionTable
+
+    rng = random.Random(3)
+    for _ in range(20):
+        table = ExceptionTable()
+        present = set(range(rng.randrange(0, 300), rng.randrange(300, 1100)))
+        present -= set(rng.sample(sorted(present), rng.randrange(0, 3)))
+        for i, old in enumerate(sorted(present)):
+            table.insert(old, i + 2)
+        for _ in range(200):
+            first = rng.randrange(0, 1100)
+            last = first + rng.choice([0, 1, 15, 255, 256, 300, 700])
+            want = all(c in present for c in range(first, last + 1))
+            assert table.covers(first, last) == want, (first, last)
+            assert table.covers_any(first, last) == any(c in present
+                                                        for c in range(first, last + 1))
+
+
+async def test_service_runs_in_the_table_nursery(env: Env) -> None:
+    from dmuser.table import TargetServices
+
+    async with trio.open_nursery() as nursery:
+        table = await Table.build("s", parse_table(f"0 {SIZE} snapshot base cow N 8"),
+                                  env.get_device, lambda d: None, TargetServices(nursery=nursery))
+        names = [t.name for t in nursery.child_tasks]
+        assert names == ["snapshot service s:snapshot"]
+        await table.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not nursery.child_tasks
+
+
+async def test_cancelled_origin_write_does_not_stall_commits(env: Env) -> None:
+    """The copy runs in the service: cancelling the write that started it leaves
+    the copy and its commit to finish, and later writes are not held up."""
+    origin, snap = await origin_env(env)
+    before = bytes(await snap.read(0, SIZE))
+    base = env.devs["base"]
+    gate = trio.Event()
+    base.read_gate[8] = gate  # type: ignore[attr-defined]  # the copy's read of chunk 1
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(origin.write, 8, data(1, 8))
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+    gate.set()
+    with trio.fail_after(5):
+        await origin.write(16, data(2, 8))
+        await origin.write(8, data(3, 8))
+    assert bytes(await snap.read(0, SIZE)) == before
+    assert area_records(env, "cow", 3) == [(1, 2), (2, 3), (0, 0)]

@@ -1,0 +1,55 @@
+"""tools/bench end to end on a tiny file: it runs, prints the table and the
+goal lines, saves its JSON, and leaves no daemon, mount or work file behind.
+
+This keeps the benchmark (and its ``floor`` setup, tools/fuse_floor.py) from
+rotting; the figures themselves are not checked (docs/benchmarks.md: speed is
+judged by benchmark runs, never by timed assertions).  qemu-storage-daemon is
+not installed by the test command, so the qsd setup is left out here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import is_mounted
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.fuse, pytest.mark.fio, pytest.mark.timeout(180)]
+
+
+def test_bench_runs_and_cleans_up(tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench"), "--size", "8M", "--runtime", "1",
+         "--setups", "raw,linear,floor", "--jobs", "rand-write-4k,rand-read-4k",
+         "--dir", str(work), "--json", str(out)],
+        capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = [line.split() for line in res.stdout.splitlines()]
+    header = next(row for row in table if row[:2] == ["job", "unit"])
+    assert header[2:] == ["raw", "linear", "floor", "linear/raw", "linear/floor"]
+    for job in ("rand-write-4k", "rand-read-4k"):
+        row = next(row for row in table if row and row[0] == job)
+        assert row[1] == "IOPS"
+        assert all(float(v) > 0 for v in row[2:5]), row
+    saved = json.loads(out.read_text())
+    assert set(saved["median"]) == {"raw", "linear", "floor"}
+    for setup in ("linear", "floor"):
+        for sample in saved["samples"][setup]["rand-read-4k"]:
+            assert sample["server_cpu_us_per_io"] > 0  # the serving process was measured
+    # In a directory given with --dir only the logs stay: no backing file,
+    # mountpoint or socket.
+    left = sorted(p.name for p in work.iterdir())
+    assert all(name.endswith(".log") for name in left), left
+    with open("/proc/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    assert not any(is_mounted(str(p)) for p in tmp_path.rglob("*-mnt"))
+    ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
