@@ -53,3 +53,26 @@ def test_bench_runs_and_cleans_up(tmp_path: Path) -> None:
     assert not any(is_mounted(str(p)) for p in tmp_path.rglob("*-mnt"))
     ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
+
+
+@pytest.mark.parametrize("argv, row_job, columns", [
+    (["mirror", "--size", "8M", "--runtime", "1", "--setups", "linear,mirror",
+      "--jobs", "rand-write-4k"], "rand-write-4k", ["linear", "mirror"]),
+    (["snapshot", "--size", "8M", "--setups", "linear,origin-64k",
+      "--jobs", "rand-write-4k"], "rand-write-4k", ["linear", "origin-64k"]),
+])
+def test_target_subcommands_run(tmp_path: Path, argv: list[str], row_job: str,
+                                columns: list[str]) -> None:
+    work = tmp_path / "bench"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "bench"), *argv,
+                          "--dir", str(work)], capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = [line.split() for line in res.stdout.splitlines()]
+    header = next(row for row in table if row and row[0] == "job")
+    assert all(c in header for c in columns), header
+    rows = [row for row in table if row and row[0] == row_job]
+    assert rows, res.stdout
+    with open("/proc/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
