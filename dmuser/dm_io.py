@@ -15,6 +15,13 @@ Guarantees:
   -EIO; we prefer a loud error), > 64 regions, memory shorter than a region,
   a read into read-only memory.  Failed reads are zero-filled in the memory.
 * **No ordering** between the bios of one call, nor between regions.
+* **Concurrency** (dmuser).  Bios whose device runs them inline
+  (``BlockDevice.runs_inline``: small plain READ/WRITE on a file) are
+  submitted one after the other in the calling task, the others concurrently,
+  one task each; with ``POLICY.parallel_min_bytes`` set (off by default) large
+  bios of a multi-region request start in worker threads at once
+  (``BlockDevice.start_submit``) while the calling task does one itself.  A
+  started thread is always waited for, also when the caller is cancelled.
 * **Splitting.**  Data regions become bios of at most :data:`MAX_BIO_SECTORS`
   (1 MiB = BIO_MAX_VECS pages); DISCARD / WRITE_ZEROES / SECURE_ERASE are one
   data-less bio per region.  A count-0 region is skipped unless the request has
@@ -35,9 +42,7 @@ Guarantees:
 
 from __future__ import annotations
 
-import bisect
 import inspect
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -47,9 +52,10 @@ from typing import Any
 import trio
 
 from .bio import Bio, Op, ReqFlag
-from .blockdev import BlockDevice
+from .blockdev import BlockDevice, ThreadedBio
 from .errors import DmIOError
-from .units import PAGE_SIZE, SECTOR_SHIFT, pages_for
+from .dm_io_mem import BufferMem, DmIoMem, PageListMem, PagePool, PoolStatistics, VecMem
+from .units import SECTOR_SHIFT, pages_for
 
 #: DM_IO_MAX_REGIONS = BITS_PER_LONG.
 MAX_REGIONS = 64
@@ -77,84 +83,9 @@ class Region:
             raise ValueError(f"bad region {self.sector}+{self.count}")
 
 
-class DmIoMem:
-    """Memory for a request, seen as a list of byte segments.
-
-    Subclasses only build the segment list; this base gives every kind the same
-    operations: :meth:`gather` (data for a write), :meth:`read_view` (where a
-    read lands) and :meth:`scatter` (copy read data back).
-    """
-
-    def __init__(self, segments: Sequence[memoryview | bytes | bytearray]) -> None:
-        self._segs = [v for v in (memoryview(s).cast("B") for s in segments) if len(v)]
-        self._starts = [0]
-        for seg in self._segs:
-            self._starts.append(self._starts[-1] + len(seg))
-        self.nbytes = self._starts.pop()
-
-    @property
-    def readonly(self) -> bool:
-        return any(seg.readonly for seg in self._segs)
-
-    def _pieces(self, offset_bytes: int, len_bytes: int) -> list[memoryview]:
-        """The memory's own views covering the range, in order (no copy)."""
-        if offset_bytes < 0 or len_bytes < 0 or offset_bytes + len_bytes > self.nbytes:
-            raise ValueError(f"bytes {offset_bytes}+{len_bytes} outside memory of {self.nbytes}")
-        i = bisect.bisect_right(self._starts, offset_bytes) - 1
-        rel, left, pieces = offset_bytes - self._starts[i], len_bytes, []
-        while left:
-            piece = self._segs[i][rel : rel + left]
-            pieces.append(piece)
-            left, i, rel = left - len(piece), i + 1, 0
-        return pieces
-
-    def gather(self, offset_bytes: int, len_bytes: int) -> memoryview:
-        """The bytes to write: a slice of the memory if contiguous, else one copy."""
-        pieces = self._pieces(offset_bytes, len_bytes)
-        if len(pieces) == 1:
-            return pieces[0]
-        return memoryview(b"".join(pieces))
-
-    def read_view(self, offset_bytes: int, len_bytes: int) -> tuple[memoryview, bool]:
-        """Where to read the range: ``(view, True)`` in place, or ``(scratch, False)``,
-        meaning the caller must :meth:`scatter` the scratch buffer afterwards."""
-        pieces = self._pieces(offset_bytes, len_bytes)
-        if len(pieces) == 1:
-            return pieces[0], True
-        return memoryview(bytearray(len_bytes)), False
-
-    def scatter(self, offset_bytes: int, data: memoryview) -> None:
-        """Copy ``data`` into the memory starting at ``offset_bytes``."""
-        pos = 0
-        for piece in self._pieces(offset_bytes, len(data)):
-            piece[:] = data[pos : pos + len(piece)]
-            pos += len(piece)
-
-
-class PageListMem(DmIoMem):
-    """DM_IO_PAGE_LIST: 4 KiB pages, data starting ``offset`` bytes into the first."""
-
-    def __init__(self, pages: Sequence[bytearray | memoryview], offset: int = 0) -> None:
-        views = [memoryview(p).cast("B") for p in pages]
-        if any(len(v) != PAGE_SIZE for v in views):
-            raise ValueError(f"every page must be {PAGE_SIZE} bytes")
-        if views and not 0 <= offset < PAGE_SIZE:
-            raise ValueError(f"offset {offset} outside the first page")
-        super().__init__([views[0][offset:], *views[1:]] if views else [])
-
-
-class VecMem(DmIoMem):
-    """DM_IO_BVEC: a vector of segments, used in order."""
-
-    def __init__(self, segments: Sequence[memoryview]) -> None:
-        super().__init__(segments)
-
-
-class BufferMem(DmIoMem):
-    """DM_IO_KMEM / DM_IO_VMA: one contiguous buffer; never copied."""
-
-    def __init__(self, buf: memoryview | bytes | bytearray) -> None:
-        super().__init__([buf])
+__all__ = ["MAX_BIO_SECTORS", "MAX_REGIONS", "BufferMem", "DmIoClient", "DmIoMem",
+           "DmIoRegionError", "IoRequest", "PageListMem", "PagePool", "PoolStatistics", "Region",
+           "VecMem", "dm_io", "dm_io_sync", "dm_io_wait"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,78 +101,6 @@ class IoRequest:
     mem: DmIoMem | None
     notify_fn: NotifyFn | None = None
     context: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    nr_pages: int
-    pages_in_use: int
-    tasks_waiting: int
-
-
-class PagePool:
-    """A counted reservation of pages with FIFO waiters.
-
-    ``acquire(n)`` succeeds when ``n`` pages are free, or when nothing at all is
-    in use (so a request larger than the pool runs alone instead of never).
-    Waiters are served strictly in arrival order, so a large request is not
-    starved by a stream of small ones.  Shared by dm-io and kcopyd.
-    """
-
-    def __init__(self, nr_pages: int) -> None:
-        if nr_pages < 0:
-            raise ValueError("nr_pages must be >= 0")
-        self._total = nr_pages
-        self._in_use = 0
-        # Changed only between checkpoints: (pages wanted, granted event), FIFO.
-        self._waiters: deque[tuple[int, trio.Event]] = deque()
-
-    def _fits(self, n: int) -> bool:
-        return self._in_use == 0 or self._in_use + n <= self._total
-
-    def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            n, event = self._waiters.popleft()
-            self._in_use += n
-            event.set()
-
-    def grow(self, nr_pages: int) -> None:
-        if nr_pages < 0:
-            raise ValueError("nr_pages must be >= 0")
-        self._total += nr_pages
-        self._wake()
-
-    def shrink(self, nr_pages: int) -> None:
-        if not 0 <= nr_pages <= self._total:
-            raise ValueError(f"cannot give back {nr_pages} of {self._total} pages")
-        self._total -= nr_pages
-
-    async def acquire(self, nr_pages: int) -> None:
-        """Take ``nr_pages``; a checkpoint.  Cancellation leaves nothing taken."""
-        if not self._waiters and self._fits(nr_pages):
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._in_use += nr_pages
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-        entry = (nr_pages, trio.Event())
-        self._waiters.append(entry)
-        try:
-            await entry[1].wait()
-        except BaseException:
-            if entry[1].is_set():
-                self.release(nr_pages)
-            else:
-                self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def release(self, nr_pages: int) -> None:
-        """Give pages back and grant them to waiters in arrival order."""
-        self._in_use -= nr_pages
-        self._wake()
-
-    def statistics(self) -> PoolStatistics:
-        return PoolStatistics(self._total, self._in_use, len(self._waiters))
 
 
 class DmIoClient:
@@ -333,7 +192,8 @@ class DmIoClient:
 
         async def one(i: int, dev: BlockDevice, bio: Bio, scatter_at: int | None) -> None:
             pages = max(1, pages_for(bio.nr_sectors))
-            await self.pool.acquire(pages)
+            if not self.pool.try_acquire(pages):
+                await self.pool.acquire(pages)
             try:
                 try:
                     await dev.submit(bio)
@@ -349,13 +209,61 @@ class DmIoClient:
 
         if not work:
             await trio.lowlevel.checkpoint()
-        elif len(work) == 1:
+            return failed[0]
+        if len(work) == 1:
             await one(*work[0])
-        else:
-            async with trio.open_nursery() as nursery:
-                for item in work:
-                    nursery.start_soon(one, *item)
+            return failed[0]
+        threaded = self._start_threads(work)
+        try:
+            if threaded:
+                taken = {id(t[0]) for t in threaded}
+                work = [item for item in work if id(item) not in taken]
+            waiting = [item for item in work if not item[1].runs_inline(item[2])]
+            for item in work:  # bios that cannot wait: one after the other, no task each
+                if item[1].runs_inline(item[2]):
+                    await one(*item)
+            if len(waiting) == 1:
+                await one(*waiting[0])
+            elif waiting:
+                async with trio.open_nursery() as nursery:
+                    for item in waiting:
+                        nursery.start_soon(one, *item)
+        finally:
+            # Every started thread is waited for (shielded), whatever happened above.
+            for (i, _dev, bio, scatter_at), handle, pages in threaded:
+                try:
+                    await handle.wait()
+                except DmIOError:
+                    failed[0] |= 1 << i
+                finally:
+                    self.pool.release(pages)
+                if scatter_at is not None:
+                    assert req.mem is not None and bio.data is not None
+                    req.mem.scatter(scatter_at, bio.data)
         return failed[0]
+
+    def _start_threads(self, work: list[tuple[int, BlockDevice, Bio, int | None]],
+                       ) -> list[tuple[tuple[int, BlockDevice, Bio, int | None], ThreadedBio, int]]:
+        """Parallel bios: start in worker threads, at once, every bio its device
+        offloads (READ/WRITE of at least ``POLICY.parallel_min_bytes`` on a
+        FileDevice), keeping the last bio of the request for the calling task if
+        every bio could go, so that the trio thread does one of them inline
+        while the threads do the others."""
+        started = []
+        last = len(work) - 1
+        for n, item in enumerate(work):
+            _i, dev, bio, _scatter = item
+            if n == last and len(started) == last:
+                break
+            pages = max(1, pages_for(bio.nr_sectors))
+            if not self.pool.try_acquire(pages):
+                continue
+            handle = dev.start_submit(bio)
+            if handle is None:
+                self.pool.release(pages)
+                continue
+            started.append((item, handle, pages))
+        return started
 
 
 def _supported(op: Op, dev: BlockDevice) -> bool:
@@ -390,7 +298,9 @@ async def dm_io(client: DmIoClient, req: IoRequest, regions: Sequence[Region]) -
     bio and returns the error bitset (bit i = ``regions[i]`` failed).
     Asynchronous form: starts the I/O in the client's nursery and returns 0 at
     once; ``notify_fn(error_bits, context)`` runs from that nursery when every
-    bio has completed.  Both forms are checkpoints.
+    bio has completed.  Both forms are cancellation points; the synchronous
+    one yields to the scheduler only as often as its bios do (a bio run inline
+    yields once every ``POLICY.yield_every`` syscalls, see ``docs/io-policy.md``).
 
     Raises:
         ValueError: misuse (see the module docstring); no I/O was started.
@@ -403,6 +313,26 @@ async def dm_io(client: DmIoClient, req: IoRequest, regions: Sequence[Region]) -
     await trio.lowlevel.checkpoint()
     client._start(req, regions)
     return 0
+
+
+async def dm_io_wait(client: DmIoClient, req: IoRequest, regions: Sequence[Region]) -> int:
+    """The asynchronous form run to completion in the calling task (dmuser).
+
+    Flags are used as given (no REQ_SYNC, as the asynchronous form), the I/O
+    runs in the calling task instead of the client's nursery, and the error
+    bitset is returned instead of passed to a notify function; so it needs no
+    entered client and costs no task.  Cancellation is that of the synchronous
+    form: the caller shields the call if a partly issued write must not be
+    abandoned.
+
+    Raises:
+        ValueError: misuse, or ``req`` has a notify function.
+    """
+    if req.notify_fn is not None:
+        raise ValueError("dm_io_wait takes a request without notify_fn")
+    regions = list(regions)
+    _validate(req, regions)
+    return await client._execute(req, regions, req.flags)
 
 
 class DmIoRegionError(DmIOError):

@@ -1,7 +1,10 @@
 """kcopyd: copy a region to up to 8 others, or zero them (the kernel's ``dm-kcopyd.c``).
 
 Snapshot copy-out, snapshot merge and mirror resync use it.  All I/O goes
-through :mod:`dmuser.dm_io` (asynchronous form, so no REQ_SYNC, as in the kernel).
+through :mod:`dmuser.dm_io` with the asynchronous form's flags (no REQ_SYNC, as
+in the kernel), run by :func:`~dmuser.dm_io.dm_io_wait` in the sub-job's own
+task (the same bios as ``dm_io`` + a notify function, without a task and an
+event per request).  Slice buffers are reused once their write completed.
 
 Guarantees:
 
@@ -44,14 +47,14 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import trio
 
 from .bio import Op, ReqFlag
-from .dm_io import BufferMem, DmIoClient, IoRequest, PagePool, Region, dm_io
+from .dm_io import BufferMem, DmIoClient, IoRequest, PagePool, Region, dm_io_wait
 from .units import SECTOR_SHIFT, pages_for
 
 MAX_DESTS = 8
@@ -218,6 +221,7 @@ class KcopydClient:
         self.sub_job_size = min(sub_job_size or DEFAULT_SUB_JOB_SIZE, MAX_SUB_JOB_SIZE)
         self.split_count = split_count
         self._pages = PagePool(pages_for(self.sub_job_size) if nr_pages is None else nr_pages)
+        self._free_bufs: list[memoryview] = []  # slice buffers for reuse (sub_job_size each)
         self.throttle = throttle if isinstance(throttle, KcopydThrottle) else \
             KcopydThrottle(100 if throttle is None else throttle)
         self._io_client = DmIoClient() if io_reserved_pages is None else \
@@ -390,19 +394,30 @@ class KcopydClient:
 
     async def _slice(self, job: _Job, offset: int, n: int) -> None:
         """Read one slice (unless zeroing), then write it to every destination."""
-        seq = bool(job.flags & KcopydFlag.WRITE_SEQ)
-        mem: BufferMem | None = None
-        if job.src is not None:
-            buf = memoryview(bytearray(n << SECTOR_SHIFT))
+        if job.src is None:
+            await self._write_slice(job, offset, n, None)
+            return
+        whole = self._free_bufs.pop() if self._free_bufs else \
+            memoryview(bytearray(self.sub_job_size << SECTOR_SHIFT))
+        try:
+            buf = whole[: n << SECTOR_SHIFT]
             read = Region(job.src.dev, job.src.sector + offset, n)
             if await self._io(IoRequest(Op.READ, ReqFlag.NONE, BufferMem(buf)), [read]):
                 job.read_err = True
                 if not job.flags & KcopydFlag.IGNORE_ERROR:
-                    if seq:
+                    if job.flags & KcopydFlag.WRITE_SEQ:
                         job.seq_advance(offset, None)
                     return
-            mem = BufferMem(buf)
-        elif job.write_op is Op.WRITE:
+            await self._write_slice(job, offset, n, BufferMem(buf))
+        finally:
+            # Reused only once every bio on it has completed (dm-io waits for
+            # them, shielded threads included), so no I/O can still touch it.
+            self._free_bufs.append(whole)
+
+    async def _write_slice(self, job: _Job, offset: int, n: int, mem: BufferMem | None) -> None:
+        """Write one slice (``mem`` None: zeroing) to every destination, in WRITE_SEQ order."""
+        seq = bool(job.flags & KcopydFlag.WRITE_SEQ)
+        if job.src is None and job.write_op is Op.WRITE:
             mem = BufferMem(self._zeros[: n << SECTOR_SHIFT])
         if seq:
             while job.seq_offset != offset and not job.seq_blocked(offset):
@@ -419,17 +434,10 @@ class KcopydClient:
 
     async def _io(self, req: IoRequest, regions: list[Region]) -> int:
         """One throttled asynchronous dm-io request; returns its error bits."""
-        done = trio.Event()
-        result = [0]
-
-        def notify(error_bits: int, _context: Any) -> None:
-            result[0] = error_bits
-            done.set()
-
         await self.throttle.io_start()
         try:
-            await dm_io(self._io_client, replace(req, notify_fn=notify), regions)
-            await done.wait()
+            # The asynchronous form's flags (no REQ_SYNC), run in this sub-job's
+            # task: the same I/O as dm_io + notify, without a task and an event.
+            return await dm_io_wait(self._io_client, req, regions)
         finally:
             self.throttle.io_finish()
-        return result[0]

@@ -25,16 +25,16 @@ not part of the table or status strings, and any other message fails with the
 kernel's "Target type does not support messages".
 
 The target's runtime (daemon, resync, failures) is :class:`targets.mirror_set.MirrorSet`.
-It runs in a *service nursery*: ``ti.nursery`` if the core provides one, else
-the nursery in :data:`SERVICE_NURSERY` (a context variable the daemon or a test
-sets).  ``open()`` starts it, ``close()`` stops it.
+It runs in the table's service nursery, ``ti.nursery`` (the daemon's
+``DeviceManager.service_nursery``); a table built without one cannot hold a
+mirror ("mirror needs a service nursery").  ``open()`` starts it, ``close()``
+stops it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextvars import ContextVar
 
 import trio
 
@@ -53,19 +53,12 @@ log = logging.getLogger(__name__)
 #: DM_KCOPYD_MAX_REGIONS + 1.
 MAX_NR_MIRRORS = 9
 
-#: Where mirrors run their daemon when ``ti`` has no ``nursery`` attribute.
-SERVICE_NURSERY: ContextVar[trio.Nursery | None] = ContextVar("dmuser_service_nursery",
-                                                              default=None)
-
 
 def service_nursery(ti: TargetContext) -> trio.Nursery:
-    """The nursery background work of ``ti``'s target runs in (see the module docstring)."""
-    nursery = getattr(ti, "nursery", None) or SERVICE_NURSERY.get()
-    if nursery is None:
-        raise DmError("mirror needs a service nursery (TargetContext.nursery or "
-                      "targets.mirror.SERVICE_NURSERY) to run its daemon")
-    assert isinstance(nursery, trio.Nursery)
-    return nursery
+    """``ti.nursery``, where the mirror's daemon runs; DmError if the table has none."""
+    if ti.nursery is None:
+        raise DmError("mirror needs a service nursery (TargetContext.nursery) to run its daemon")
+    return ti.nursery
 
 
 def _parse_features(words: list[str]) -> tuple[bool, bool, int]:

@@ -5,13 +5,18 @@ and ``kmirrord``).  See ``docs/mirror-protocol.md`` for the full protocol.
 
 Guarantees:
 
-* **Writes** (including empty flushes and discards) go through the daemon.  A
-  write to a CLEAN/DIRTY region is issued only after the region's dirty mark
-  is durable in the log (inc + log flush), as one dm-io request to every leg;
-  it succeeds when every leg took it.  Writes to an out-of-sync region go to
-  the default leg only; writes to the region being resynced wait until its
-  copy is over.  A region becomes clean in the log only after its last write
-  completed and every leg was flushed (disk log).
+* **Writes** (``mirror_writes.py``): a write to a CLEAN/DIRTY region reaches
+  the legs only after the region's dirty mark is durable in the log, as one
+  dm-io request to every leg; it succeeds when every leg took it.  Flushes,
+  discards and writes that need a new mark go through the daemon; a write to
+  a region whose mark is already durable goes straight from the submitter
+  (dmuser).  Writes to an out-of-sync region go to the default leg only;
+  writes to the region being resynced wait until its copy is over.
+* **Clean after data.**  A region becomes clean in the log only after its
+  last write completed and every leg was flushed (disk log).  dmuser delays
+  this by :data:`CLEAN_DELAY` seconds without writes (0: the kernel's next
+  pass), and always does it by postsuspend, so a suspended mirror's log is
+  clean.
 * **Reads** go to the default leg, skipping legs with errors; a failed read
   is retried on another leg while one is in sync.  With read balancing on
   (dmuser extension, ``LegSet.read_balance``, off by default) reads of a
@@ -36,6 +41,7 @@ The service (daemon, dm-io and kcopyd clients) runs in the caller's nursery
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,36 +49,32 @@ import trio
 
 from dmuser.bio import Bio, Op, ReqFlag
 from dmuser.dm_io import BufferMem, DmIoClient, IoRequest, Region, dm_io
-from dmuser.errors import DmIOError, NotSupportedError, RequeueError
+from dmuser.errors import DmIOError, NotSupportedError
 from dmuser.kcopyd import KcopydClient, KcopydThrottle
 from dmuser.target import TargetContext
 
 from .dirtylog import DirtyLog
 from .mirror_legs import ErrorType, Leg, LegSet
 from .mirror_resync import Resync
-from .region_hash import RegionHash, RegionState, is_flush_or_discard
+from .mirror_writes import MirrorIo, MirrorWrites
+from .region_hash import RegionHash, RegionState
 
 log = logging.getLogger(__name__)
 
 MAX_RECOVERY = 1
+#: dmuser: a region whose writes have all completed keeps its dirty mark until it
+#: has had no write for this many seconds (like md's bitmap daemon, which
+#: clears bits lazily).  A region written again meanwhile needs no new mark
+#: and no daemon pass, and cleans come in batches (one leg flush + log write
+#: each with a disk log).  0 gives the kernel's behaviour (cleared at the next
+#: pass).  Read when a table is loaded; ``$DMUSER_MIRROR_CLEAN_DELAY`` (seconds)
+#: sets the daemon's default.
+CLEAN_DELAY = float(os.environ.get("DMUSER_MIRROR_CLEAN_DELAY", "5"))
 #: dm-raid1's ``raid1_resync_throttle`` module parameter, shared by every mirror (percent).
 RESYNC_THROTTLE = KcopydThrottle(100)
 
 
-class MirrorIo:
-    """A bio inside the mirror: its region, and the event its submitter waits on."""
-
-    __slots__ = ("bio", "region", "done", "error", "counted")
-
-    def __init__(self, bio: Bio, region: int) -> None:
-        self.bio = bio
-        self.region = region
-        self.done = trio.Event()
-        self.error: DmIOError | None = None
-        self.counted = False  # inc'd in the region hash; dec'd on completion
-
-
-class MirrorSet:
+class MirrorSet(MirrorWrites):
     def __init__(self, ti: TargetContext, dirty_log: DirtyLog, legs: Sequence[Leg],
                  handle_errors: bool, keep_log: bool, table_event: Callable[[], None]) -> None:
         self.ti = ti
@@ -81,7 +83,8 @@ class MirrorSet:
         self._table_event = table_event
         self.region_size = dirty_log.get_region_size()
         self.nr_regions = -(-ti.len // self.region_size)
-        self.rh = RegionHash(dirty_log, ti.begin, MAX_RECOVERY, self._dispatch_bios, self.wakeup)
+        self.rh = RegionHash(dirty_log, ti.begin, MAX_RECOVERY, self._dispatch_bios, self.wakeup,
+                             clean_delay=CLEAN_DELAY)
         self.resync = Resync(self.rh, dirty_log, self.legs, ti.len, table_event)
         self.log_failure = self.suspend = False
         self.reads: list[MirrorIo] = []  # the daemon's queues: changed between checkpoints
@@ -154,7 +157,8 @@ class MirrorSet:
 
     async def _daemon(self) -> None:
         while True:
-            await self._wake.wait()
+            with trio.move_on_at(self.rh.clean_deadline()):
+                await self._wake.wait()
             self._wake = trio.Event()
             seq = self._wake_seq
             async with self._pass_lock:
@@ -173,7 +177,7 @@ class MirrorSet:
     async def _do_mirror(self) -> None:
         reads, writes, failures = self.reads, self.writes, self.failures
         self.reads, self.writes, self.failures = [], [], []
-        await self.rh.update_states(self.legs.handle_errors)
+        await self.rh.update_states(self.legs.handle_errors, retire_all=self.suspend)
         assert self._kc is not None
         self.resync.do_recovery(self._kc)
         await self._do_reads(reads)
@@ -210,7 +214,10 @@ class MirrorSet:
             raise DmIOError("mirror: not running")
         region = self.rh.bio_to_region(bio)
         if bio.is_write:
-            await self._wait(self.writes, MirrorIo(bio, region))
+            if self._direct_ok(bio, region):
+                await self._write_direct(bio, region)
+            else:
+                await self._wait(self.writes, MirrorIo(bio, region))
             return
         if not self.log.in_sync(region):
             if bio.flags & ReqFlag.RAHEAD:
@@ -278,103 +285,6 @@ class MirrorSet:
         log.error("Read failure on mirror device %s.  Failing I/O.", leg.dev.status_name)
         self._complete(io, DmIOError("mirror: read failed on every leg"))
 
-    # -- writes ---------------------------------------------------------------------------------
-
-    async def _do_writes(self, writes: list[MirrorIo]) -> None:
-        if not writes:
-            return
-        lists: dict[str, list[MirrorIo]] = {"sync": [], "nosync": [], "recover": []}
-        for io in writes:
-            if is_flush_or_discard(io.bio):
-                lists["sync"].append(io)
-                continue
-            state = self.rh.get_state(io.region)
-            if state in (RegionState.CLEAN, RegionState.DIRTY):
-                lists["sync"].append(io)
-            elif state is RegionState.NOSYNC:
-                lists["nosync"].append(io)
-            else:
-                lists["recover"].append(io)
-        for io in lists["sync"] + lists["nosync"]:
-            if not is_flush_or_discard(io.bio):
-                self.rh.inc(io.region)
-                io.counted = True
-        try:
-            await self.rh.flush()  # the dirty marks are durable before any leg write
-        except DmIOError:
-            self.log_failure = True  # stays set until reload
-        if self.log_failure and self.legs.handle_errors:
-            self.failures += lists["sync"]
-            if lists["sync"]:
-                self.wakeup()
-        else:
-            for io in lists["sync"]:
-                await self._do_write(io)
-        for io in lists["recover"]:
-            self.rh.delay(io, io.region)
-        for io in lists["nosync"]:
-            if self.legs.leg_failure and self.legs.handle_errors and not self.legs.keep_log:
-                self._queue(self.failures, io)
-            else:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._write_default, io, self.legs.default)
-
-    async def _do_write(self, io: MirrorIo) -> None:
-        """One dm-io request writing the bio to every leg; completion in :meth:`_write_done`."""
-        assert self._io is not None
-        bio = io.bio
-        flags = bio.flags & (ReqFlag.FUA | ReqFlag.PREFLUSH)
-        if bio.op is Op.DISCARD:
-            req = IoRequest(Op.DISCARD, flags, None, self._write_done, io)
-        else:
-            mem = BufferMem(bio.data) if bio.data is not None and bio.nr_sectors else None
-            req = IoRequest(Op.WRITE, flags, mem, self._write_done, io)
-        regions = [Region(leg.dev, self.legs.sector(leg, bio), bio.nr_sectors) for leg in self.legs]
-        await dm_io(self._io, req, regions)
-
-    def _write_done(self, error_bits: int, io: MirrorIo) -> None:
-        if not error_bits:
-            self._complete(io, None)
-            return
-        if io.bio.op is Op.DISCARD:
-            self._complete(io, NotSupportedError("mirror: discard failed"))
-            return
-        for leg in self.legs:
-            if error_bits >> leg.index & 1:
-                self.legs.fail(leg, ErrorType.WRITE)
-        self._queue(self.failures, io)
-
-    async def _write_default(self, io: MirrorIo, leg: Leg) -> None:
-        """A write to an out-of-sync region: the default leg only, errors returned as they are."""
-        bio = io.bio
-        error: DmIOError | None = None
-        try:
-            await leg.dev.submit(Bio(bio.op, self.legs.sector(leg, bio), bio.nr_sectors,
-                                     bio.data, bio.flags))
-        except DmIOError as exc:
-            error = exc
-        self._complete(io, error)
-
-    def _do_failures(self, failures: list[MirrorIo]) -> None:
-        for io in failures:
-            if not self.log_failure:
-                self.legs.in_sync = False
-                self.rh.mark_nosync(io.bio)
-            if self.legs.valid() is None or (self.legs.keep_log and self.log_failure):
-                self._complete(io, DmIOError("mirror: write failed"))
-            elif self.legs.handle_errors and not self.legs.keep_log:
-                self._hold(io)
-            else:
-                self._complete(io, None)  # reached a leg; the region will be resynced
-
-    def _hold(self, io: MirrorIo) -> None:
-        if self.suspend:
-            noflush = self.ti.noflush_suspending is not None and self.ti.noflush_suspending()
-            self._complete(io, RequeueError("mirror: held write requeued") if noflush
-                           else DmIOError("mirror: held write failed at suspend"))
-        else:
-            self.holds.append(io)
-
     # -- suspend / resume -----------------------------------------------------------------------
 
     async def presuspend(self) -> None:
@@ -384,6 +294,7 @@ class MirrorSet:
             self._hold(io)
         await self.rh.stop_recovery()
         await self.rh.wait_recovery_stopped()
+        self.wakeup()  # a pass with suspend set retires the clean list now
         try:
             await self.log.presuspend()
         except DmIOError:
@@ -392,6 +303,8 @@ class MirrorSet:
 
     async def postsuspend(self) -> None:
         async with self._pass_lock:
+            if self.running:  # writes that completed since presuspend: clean them now
+                await self.rh.update_states(self.legs.handle_errors)
             try:
                 await self.log.postsuspend()
             except DmIOError:

@@ -13,8 +13,10 @@ The ordering guarantees mirror relies on:
   log; the caller then flushes the log (:meth:`RegionHash.flush`) before it
   issues the write to any leg.
 * **Clean after data.**  A region returns to CLEAN only when its last write has
-  completed (``dec``); its clean bit is set by the next ``update_states``, whose
-  log flush first flushes every leg (disk log) before persisting the bit.
+  completed (``dec``); its clean bit is set by a later ``update_states``, whose
+  log flush first flushes every leg (disk log) before persisting the bit.  With
+  a ``clean_delay`` (dmuser) that is the first pass after the region stayed
+  clean that long; the kernel's (0) is the next pass.
 * **One resync at a time** per slot (``max_recovery`` slots, 0 until
   :meth:`~RegionHash.start_recovery`), and a region is copied only once its
   writes in flight have drained (the *quiesced* list).  Writes arriving for a
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +64,7 @@ class RhRegion:
     pending: int = 0
     delayed_bios: list[Any] = field(default_factory=list)
     on_list: str | None = None
+    clean_at: float = 0.0  # trio time it joined the clean list (with a clean delay)
 
 
 def is_flush_or_discard(bio: Bio) -> bool:
@@ -82,8 +86,13 @@ class RegionHash:
     def __init__(self, log: DirtyLog, target_begin: int, max_recovery: int,
                  dispatch_bios: Callable[[list[Any]], None],
                  wakeup_workers: Callable[[], None],
-                 wakeup_all_recovery_waiters: Callable[[], None] | None = None) -> None:
+                 wakeup_all_recovery_waiters: Callable[[], None] | None = None,
+                 clean_delay: float = 0.0) -> None:
         self.log = log
+        #: dmuser: a region is retired from the clean list (its bit cleared in the
+        #: log) only once it has stayed clean this many seconds; 0 is the
+        #: kernel's behaviour (every pass retires the whole list).
+        self.clean_delay = clean_delay
         self.region_size = log.get_region_size()
         self.region_shift = self.region_size.bit_length() - 1
         self.target_begin = target_begin
@@ -166,7 +175,12 @@ class RegionHash:
             self._move(reg, "quiesced")
         elif reg.state is RegionState.DIRTY:
             reg.state = RegionState.CLEAN
+            armed = bool(self.lists["clean"])
             self._move(reg, "clean")
+            if self.clean_delay:
+                reg.clean_at = trio.current_time()
+                if armed:
+                    return  # the daemon already waits for the oldest one's deadline
         self._wakeup_workers()
 
     def mark_nosync(self, bio: Bio) -> None:
@@ -192,13 +206,33 @@ class RegionHash:
         """``dm_rh_flush``: the log's flush.  Raises DmIOError on failure."""
         await self.log.flush()
 
-    async def update_states(self, errors_handled: bool) -> None:
-        """Retire clean and recovered regions, then flush the log (errors ignored)."""
-        taken = {}
+    def clean_deadline(self) -> float:
+        """When the oldest region of the clean list is due (trio time); inf if none.
+
+        The clean list is in the order regions became clean (``_move`` appends),
+        so its first region is the oldest."""
+        clean = self.lists["clean"]
+        if not clean:
+            return math.inf
+        return next(iter(clean.values())).clean_at + self.clean_delay
+
+    async def update_states(self, errors_handled: bool, retire_all: bool = True) -> None:
+        """Retire clean and recovered regions, then flush the log (errors ignored).
+
+        dmuser's delayed cleaning: unless ``retire_all``, only the regions that
+        have been clean for :attr:`clean_delay` seconds are retired; the others
+        keep their dirty mark in the log (which only costs resync work after a
+        crash), and a write to one of them makes it DIRTY again with no log I/O.
+        """
+        taken: dict[str, list[RhRegion]] = {}
         for name in ("clean", "recovered", "failed_recovered"):
-            taken[name] = list(self.lists[name].values())
-            self.lists[name].clear()
-            for reg in taken[name]:
+            regs = list(self.lists[name].values())
+            if name == "clean" and not retire_all and self.clean_delay:
+                due = trio.current_time() - self.clean_delay
+                regs = [reg for reg in regs if reg.clean_at <= due]
+            taken[name] = regs
+            for reg in regs:
+                del self.lists[name][reg.key]
                 reg.on_list = None
                 del self.regions[reg.key]
         for reg in taken["recovered"]:

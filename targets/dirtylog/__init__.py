@@ -10,7 +10,9 @@ A dirty log keeps three bitsets over the mirror's regions (dm-spec §5.3):
 Bit ``i`` is bit ``i % 8`` of byte ``i // 8`` (little-endian bit order).  Every
 bit *set* through the helpers sets ``touched_cleaned``, every bit *cleared* sets
 ``touched_dirtied``, in any of the three bitsets; a persistent log's ``flush``
-acts on these two flags.
+acts on these two flags.  (dmuser: ``mark_region`` of a region whose clean bit
+is already 0 changes nothing and touches nothing; the kernel sets
+``touched_dirtied`` anyway.)
 
 Registered types (``DIRTY_LOGS``): ``core`` (:mod:`.core`, in memory) and
 ``disk`` (:mod:`.disk`, kernel-compatible on-disk format).  A constructor that
@@ -119,6 +121,14 @@ class DirtyLog:
     def mark_region(self, region: int) -> None:
         """Clear the clean bit: a write is about to be in flight."""
         raise NotImplementedError
+
+    def mark_is_durable(self, region: int) -> bool:
+        """True when a write to ``region`` may be issued without a log flush: its
+        dirty mark is already as durable as this log makes marks, and
+        :meth:`mark_region` of it would change nothing that a flush must write.
+        Never blocks.  (dmuser: lets mirror skip its daemon pass; the default
+        says False, which is always safe.)"""
+        return False
 
     def clear_region(self, region: int) -> None:
         """Set the clean bit, unless a flush has ever failed (then nothing, until reload)."""

@@ -193,6 +193,12 @@ class DiskLog(CoreLog):
             self.touched_dirtied = False
         self.touched_cleaned = False
 
+    def mark_is_durable(self, region: int) -> bool:
+        """The clean bit is 0 and no bit went dirty since the last completed
+        flush, so the 0 is on the log device (a flush resets touched_dirtied
+        only once the log device has been flushed)."""
+        return not self.touched_dirtied and not self.clean_bits.test(region)
+
     async def postsuspend(self) -> None:
         await self.flush()
 

@@ -305,17 +305,24 @@ async def test_disk_flush_protocol() -> None:
     async def legs_flush() -> None:
         calls.append(f"legs@{dev.writes}")
 
-    log = disk(dev, 8 * 8, "8", callback=legs_flush)
+    log = disk(dev, 8 * 8, "8", "nosync", callback=legs_flush)
     await log.resume()
     writes, flushes = dev.writes, dev.flushes
     await log.flush()  # the resume's bit changes set touched flags: written once more
     writes, flushes = dev.writes, dev.flushes
     await log.flush()  # nothing touched: no I/O
     assert (dev.writes, dev.flushes) == (writes, flushes)
+    assert log.mark_is_durable(3) is False  # clean: a write must wait for mark + flush
     log.mark_region(3)  # dirtied only: write + log flush, no leg flush
+    assert log.mark_is_durable(3) is False  # marked, not yet flushed
     calls.clear()
     await log.flush()
     assert (dev.writes, dev.flushes, calls) == (writes + 1, flushes + 1, [])
+    assert log.mark_is_durable(3) is True
+    log.mark_region(3)  # dmuser: already dirty, so nothing is touched and nothing written
+    assert not log.touched_dirtied
+    await log.flush()
+    assert (dev.writes, dev.flushes) == (writes + 1, flushes + 1)
     log.clear_region(3)  # cleaned only: legs flushed *before* the write, no log flush
     await log.flush()
     assert calls == [f"legs@{writes + 1}"]

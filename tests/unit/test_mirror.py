@@ -18,10 +18,11 @@ from dmuser.blockdev import MemDevice
 from dmuser.errors import DmIOError, NotSupportedError, TableError
 from dmuser.kcopyd import KcopydThrottle
 from dmuser.mapped_device import MappedDevice
+from dmuser.table import Table, TargetServices, parse_table
 from dmuser.target import StatusType
 from targets import mirror_set
 from targets.dirtylog.disk import DiskLog
-from targets.mirror import SERVICE_NURSERY, MirrorTarget
+from targets.mirror import MirrorTarget
 
 S = 512
 STATUSES = Path("/work/shared/vectors/statuses/statuses.json")
@@ -60,17 +61,22 @@ class Dev(MemDevice):
 class Rig:
     """Devices named by their status names, and a mapped device on top."""
 
-    def __init__(self, h: SimpleNamespace, **sizes: int) -> None:
+    def __init__(self, h: SimpleNamespace, nursery: trio.Nursery | None, **sizes: int) -> None:
         self.journal: list[tuple[str, str, int, int]] = []
         self.devs = {name: Dev(n, name, self.journal, seed=None) for name, n in sizes.items()}
         self.resolver = h.DictResolver(self.devs)
         self.md = MappedDevice("m")
+        self.nursery = nursery  # the service nursery tables get (TargetContext.nursery)
+
+    async def build(self, text: str) -> Table:
+        return await Table.build("t", parse_table(text), self.resolver.get, self.resolver.release,
+                                 TargetServices(nursery=self.nursery))
 
     def seed(self, name: str, seed: int) -> None:
         self.devs[name].buf[:] = random.Random(seed).randbytes(len(self.devs[name].buf))
 
     async def start(self, table: str, settle: bool = True) -> MirrorTarget:
-        await self.md.load(await self.resolver.build(table))
+        await self.md.load(await self.build(table))
         await self.md.resume()
         if settle:
             await trio.testing.wait_all_tasks_blocked()
@@ -100,8 +106,14 @@ class Rig:
 
 @pytest.fixture
 async def svc(nursery: trio.Nursery) -> trio.Nursery:
-    SERVICE_NURSERY.set(nursery)
+    """The service nursery a :class:`Rig` hands to its tables."""
     return nursery
+
+
+@pytest.fixture
+def kernel_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's cleaning: a region is cleared in the log at the next daemon pass."""
+    monkeypatch.setattr(mirror_set, "CLEAN_DELAY", 0.0)
 
 
 async def settle() -> None:
@@ -138,9 +150,9 @@ async def settle() -> None:
     ("core 1 1024 2 a 0 b 0 0 extra", "Too many mirror arguments"),
 ])
 async def test_constructor_errors(h: SimpleNamespace, args: str, error: str) -> None:
-    rig = Rig(h, a=8192, b=8192, log=16, small=2)
+    rig = Rig(h, None, a=8192, b=8192, log=16, small=2)
     with pytest.raises(TableError) as info:
-        await rig.resolver.build(f"0 8192 mirror {args}")
+        await rig.build(f"0 8192 mirror {args}")
     assert info.value.message == f"t: mirror: {error}"
     assert rig.resolver.outstanding() == 0
 
@@ -152,23 +164,23 @@ async def test_constructor_errors(h: SimpleNamespace, args: str, error: str) -> 
 ])
 async def test_log_errors_are_logged(h: SimpleNamespace, caplog: pytest.LogCaptureFixture,
                                      args: str, warning: str) -> None:
-    rig = Rig(h, a=8192, b=8192, small=2)
+    rig = Rig(h, None, a=8192, b=8192, small=2)
     with caplog.at_level(logging.WARNING), pytest.raises(TableError):
-        await rig.resolver.build(f"0 8192 mirror {args}")
+        await rig.build(f"0 8192 mirror {args}")
     assert warning in caplog.text
 
 
 async def test_leg_must_fit_its_device(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=8192, b=8192)
+    rig = Rig(h, svc, a=8192, b=8192)
     with pytest.raises(TableError, match="too small for target"):
-        await rig.resolver.build("0 8192 mirror core 1 1024 2 a 0 b 1")
+        await rig.build("0 8192 mirror core 1 1024 2 a 0 b 1")
     assert rig.resolver.outstanding() == 0
 
 
 async def test_needs_a_service_nursery(h: SimpleNamespace) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, None, a=64, b=64)
     with pytest.raises(Exception, match="service nursery"):
-        await rig.resolver.build("0 64 mirror core 1 8 2 a 0 b 0")
+        await rig.build("0 64 mirror core 1 8 2 a 0 b 0")
     assert rig.resolver.outstanding() == 0
 
 
@@ -186,7 +198,7 @@ async def test_golden_statuses(h: SimpleNamespace, svc: trio.Nursery,
     sizes = {"254:0": 32768, "254:16": 8192, "254:32": 8192, "254:48": 2048, "254:64": 24576}
     names = {"/dev/vda": "254:0", "/dev/vdd": "254:48", "/dev/vde": "254:64"}
     words = [names.get(w, w) for w in str(example["table_given"]).split()]
-    rig = Rig(h, **sizes)
+    rig = Rig(h, svc, **sizes)
     await rig.start(" ".join(words))
     assert rig.md.table_lines(StatusType.TABLE)[0] + "\n" == example["dmsetup_table"]
     assert rig.md.table_lines(StatusType.INFO)[0] + "\n" == \
@@ -204,7 +216,7 @@ async def test_golden_statuses(h: SimpleNamespace, svc: trio.Nursery,
 ])
 async def test_status_strings(h: SimpleNamespace, svc: trio.Nursery, args: str, table: str,
                               info: str) -> None:
-    rig = Rig(h, a=64, b=64, c=64, log=8)
+    rig = Rig(h, svc, a=64, b=64, c=64, log=8)
     await rig.start(f"0 32 mirror {args}")
     assert rig.target.status(StatusType.TABLE) == table
     assert rig.status() == info
@@ -218,7 +230,7 @@ async def test_status_strings(h: SimpleNamespace, svc: trio.Nursery, args: str, 
 async def test_initial_resync_copies_leg0_in_ascending_order(h: SimpleNamespace,
                                                              svc: trio.Nursery,
                                                              length: int) -> None:
-    rig = Rig(h, a=64, b=80, c=64)
+    rig = Rig(h, svc, a=64, b=80, c=64)
     rig.seed("a", 1)
     await rig.start(f"0 {length} mirror core 1 16 3 a 0 b 16 c 0")
     assert rig.status() == "3 a b c 4/4 1 AAA 1 core"
@@ -232,7 +244,7 @@ async def test_initial_resync_copies_leg0_in_ascending_order(h: SimpleNamespace,
 
 
 async def test_nosync_copies_nothing(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.seed("a", 1)
     target = await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
     assert rig.status() == "2 a b 4/4 1 AA 1 core"
@@ -242,9 +254,9 @@ async def test_nosync_copies_nothing(h: SimpleNamespace, svc: trio.Nursery) -> N
 
 
 async def test_no_resync_before_resume(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.seed("a", 1)
-    table = await rig.resolver.build("0 64 mirror core 1 16 2 a 0 b 0")
+    table = await rig.build("0 64 mirror core 1 16 2 a 0 b 0")
     await settle()
     assert rig.leg("b") == bytes(64 * S)
     assert table.lines(StatusType.INFO) == ["0 64 mirror 2 a b 0/4 1 AA 1 core"]
@@ -256,7 +268,7 @@ async def test_throttled_resync_still_completes(h: SimpleNamespace, svc: trio.Nu
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     throttle = KcopydThrottle(20)
     monkeypatch.setattr(mirror_set, "RESYNC_THROTTLE", throttle)
-    rig = Rig(h, a=256, b=256)
+    rig = Rig(h, svc, a=256, b=256)
     rig.seed("a", 2)
     for dev in rig.devs.values():
         dev.delay = 0.05
@@ -272,7 +284,7 @@ async def test_throttled_resync_still_completes(h: SimpleNamespace, svc: trio.Nu
 
 
 async def test_writes_reach_every_leg_at_its_offset(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=80)
+    rig = Rig(h, svc, a=64, b=80)
     await rig.start("0 64 mirror core 1 16 2 a 0 b 16")
     data = random.Random(5).randbytes(40 * S)
     await rig.md.write(10, data)  # split by the core at region boundaries
@@ -282,7 +294,7 @@ async def test_writes_reach_every_leg_at_its_offset(h: SimpleNamespace, svc: tri
 
 
 async def test_reads_come_from_the_default_leg(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.seed("a", 1)
     rig.seed("b", 2)
     await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
@@ -294,7 +306,7 @@ async def test_reads_come_from_the_default_leg(h: SimpleNamespace, svc: trio.Nur
 
 async def test_empty_flush_and_discard_go_to_every_leg(h: SimpleNamespace,
                                                        svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.seed("a", 1)
     await rig.start("0 64 mirror core 1 16 2 a 0 b 0")
     rig.journal.clear()
@@ -308,7 +320,7 @@ async def test_empty_flush_and_discard_go_to_every_leg(h: SimpleNamespace,
 
 async def test_failed_discard_is_notsupp_and_does_not_degrade(h: SimpleNamespace,
                                                               svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     await rig.start("0 64 mirror core 1 16 2 a 0 b 0 1 handle_errors")
     rig.devs["b"].fail_write = True
     with pytest.raises(NotSupportedError):
@@ -318,8 +330,9 @@ async def test_failed_discard_is_notsupp_and_does_not_degrade(h: SimpleNamespace
 
 
 async def test_disk_log_marks_dirty_before_data_and_clean_after(h: SimpleNamespace,
-                                                                svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64, log=8)
+                                                                svc: trio.Nursery,
+                                                                kernel_clean: None) -> None:
+    rig = Rig(h, svc, a=64, b=64, log=8)
     await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
     log = rig.devs["log"]
     assert log.buf[1024] == 0x0F
@@ -341,7 +354,7 @@ async def test_disk_log_marks_dirty_before_data_and_clean_after(h: SimpleNamespa
 
 
 async def test_read_failover_without_handle_errors(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.seed("a", 1)
     target = await rig.start("0 64 mirror core 1 16 2 a 0 b 0")
     rig.devs["a"].fail_read = True
@@ -354,7 +367,7 @@ async def test_read_failover_without_handle_errors(h: SimpleNamespace, svc: trio
 
 
 async def test_all_legs_failed_reads_and_writes_eio(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     await rig.start("0 64 mirror core 1 16 2 a 0 b 0")
     for dev in rig.devs.values():
         dev.fail_read = dev.fail_write = True
@@ -370,7 +383,7 @@ async def test_all_legs_failed_reads_and_writes_eio(h: SimpleNamespace, svc: tri
 
 async def test_write_failure_without_handle_errors_succeeds_and_resyncs_on_resume(
         h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     await rig.start("0 64 mirror core 1 16 2 a 0 b 0")
     rig.devs["b"].fail_write = True
     await rig.md.write(16, b"\x42" * 8 * S)  # reached leg a: reported as success
@@ -387,7 +400,7 @@ async def test_write_failure_without_handle_errors_succeeds_and_resyncs_on_resum
 
 async def test_handle_errors_moves_default_and_holds_writes(h: SimpleNamespace,
                                                             svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64, c=64)
+    rig = Rig(h, svc, a=64, b=64, c=64)
     target = await rig.start("0 64 mirror core 1 16 3 a 0 b 0 c 0 1 handle_errors")
     events = target.event_count
     hooked: list[int] = []
@@ -422,7 +435,7 @@ async def test_handle_errors_moves_default_and_holds_writes(h: SimpleNamespace,
 
 
 async def test_keep_log_completes_failed_writes(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     target = await rig.start("0 64 mirror core 1 16 2 a 0 b 0 2 handle_errors keep_log")
     rig.devs["b"].fail_write = True
     await rig.md.write(0, b"\x01" * S)
@@ -438,7 +451,7 @@ async def test_primary_failure_while_out_of_sync_keeps_default(h: SimpleNamespac
                                                                svc: trio.Nursery,
                                                                caplog: pytest.LogCaptureFixture
                                                                ) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.devs["a"].fail_read = True
     with caplog.at_level(logging.ERROR):
         target = await rig.start("0 64 mirror core 1 16 2 a 0 b 0 1 handle_errors")
@@ -453,7 +466,7 @@ async def test_primary_failure_while_out_of_sync_keeps_default(h: SimpleNamespac
 
 async def test_log_failure_with_handle_errors_holds_writes(h: SimpleNamespace,
                                                            svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64, log=8)
+    rig = Rig(h, svc, a=64, b=64, log=8)
     target = await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0 1 handle_errors")
     rig.devs["log"].fail_write = True
     async with trio.open_nursery() as nursery:
@@ -480,7 +493,7 @@ async def _race(h: SimpleNamespace, seed: int, nlegs: int, log_args: str, featur
     rng = random.Random(seed)
     names = "abc"[:nlegs]
     sizes = {name: MODEL_LEN + 8 * i for i, name in enumerate(names)}
-    rig = Rig(h, log=8, **sizes)
+    rig = Rig(h, None, log=8, **sizes)
     offsets = {name: 8 * i for i, name in enumerate(names)}
     nosync = "nosync" in log_args
     for i, name in enumerate(names):
@@ -491,7 +504,7 @@ async def _race(h: SimpleNamespace, seed: int, nlegs: int, log_args: str, featur
     model = bytearray(rig.leg("a", 0, MODEL_LEN))
     legs = " ".join(f"{name} {offsets[name]}" for name in names)
     async with trio.open_nursery() as nursery:
-        SERVICE_NURSERY.set(nursery)
+        rig.nursery = nursery
         await rig.start(f"0 {MODEL_LEN} mirror {log_args} {nlegs} {legs} {features}",
                         settle=False)
 
@@ -573,7 +586,7 @@ async def test_crash_with_write_in_flight_resyncs_the_region(h: SimpleNamespace,
                                                              svc: trio.Nursery) -> None:
     """The dirty mark is on the log device before any leg write; a new activation
     on the crashed images (one leg written, one not) resyncs exactly that region."""
-    rig = Rig(h, a=64, b=64, log=8)
+    rig = Rig(h, svc, a=64, b=64, log=8)
     rig.seed("a", 1)
     await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
     assert rig.leg("a") == rig.leg("b") and rig.devs["log"].buf[1024] == 0x0F
@@ -587,7 +600,7 @@ async def test_crash_with_write_in_flight_resyncs_the_region(h: SimpleNamespace,
         assert images["a"][40 * S : 44 * S] != images["b"][40 * S : 44 * S]
         rig.devs["b"].write_gate.set()
     await rig.close()
-    after = Rig(h, a=64, b=64, log=8)
+    after = Rig(h, svc, a=64, b=64, log=8)
     for name, image in images.items():
         after.devs[name].buf[:] = image
     await after.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
@@ -599,8 +612,9 @@ async def test_crash_with_write_in_flight_resyncs_the_region(h: SimpleNamespace,
     await after.close()
 
 
-async def test_leg_flush_failure_dirties_the_log(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64, log=8)
+async def test_leg_flush_failure_dirties_the_log(h: SimpleNamespace, svc: trio.Nursery,
+                                                 kernel_clean: None) -> None:
+    rig = Rig(h, svc, a=64, b=64, log=8)
     target = await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
     rig.devs["b"].fail_flush = True
     await rig.md.write(0, b"\x01" * S)  # the write itself succeeds on both legs
@@ -616,15 +630,15 @@ async def test_internal_error_fails_io_instead_of_the_daemon(h: SimpleNamespace,
                                                               svc: trio.Nursery,
                                                               caplog: pytest.LogCaptureFixture
                                                               ) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     target = await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
 
-    async def broken(errors_handled: bool) -> None:
+    async def broken(errors_handled: bool, retire_all: bool = True) -> None:
         raise RuntimeError("bug")
 
     target.ms.rh.update_states = broken  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR), pytest.raises(DmIOError):
-        await rig.md.write(0, bytes(S))
+        await rig.md.submit(Bio(Op.WRITE, 0, 0, None, ReqFlag.PREFLUSH))  # needs the daemon
     assert isinstance(target.ms.crash_error, Exception)
     assert "mirror daemon failed" in caplog.text
     with pytest.raises(DmIOError):
@@ -635,12 +649,12 @@ async def test_internal_error_fails_io_instead_of_the_daemon(h: SimpleNamespace,
 
 async def test_suspend_of_a_crashed_mirror_does_not_hang(h: SimpleNamespace,
                                                          svc: trio.Nursery) -> None:
-    rig = Rig(h, a=64, b=64)
+    rig = Rig(h, svc, a=64, b=64)
     rig.devs["b"].write_gate = trio.Event()  # the first copy never finishes
     target = await rig.start("0 64 mirror core 1 16 2 a 0 b 0")
     assert target.ms.rh.recovery_in_flight == 1
 
-    async def broken(errors_handled: bool) -> None:
+    async def broken(errors_handled: bool, retire_all: bool = True) -> None:
         raise RuntimeError("bug")
 
     target.ms.rh.update_states = broken  # type: ignore[method-assign]

@@ -19,8 +19,9 @@ from dmuser.bio import Bio
 from dmuser.blockdev import MemDevice
 from dmuser.errors import DmIOError, TargetArgError
 from dmuser.mapped_device import MappedDevice
+from dmuser.table import Table, TargetServices, parse_table
 from dmuser.target import StatusType
-from targets.mirror import SERVICE_NURSERY, MirrorTarget
+from targets.mirror import MirrorTarget
 
 S = 512
 
@@ -48,7 +49,9 @@ class Dev(MemDevice):
 
 
 class Rig:
-    def __init__(self, h: SimpleNamespace, names: str, sectors: int = 64) -> None:
+    def __init__(self, h: SimpleNamespace, nursery: trio.Nursery | None, names: str,
+                 sectors: int = 64) -> None:
+        self.nursery = nursery
         self.reads: list[str] = []
         self.devs = {n: Dev(sectors, n, self.reads) for n in names}
         for dev in self.devs.values():  # identical legs: same data
@@ -57,7 +60,9 @@ class Rig:
         self.md = MappedDevice("m")
 
     async def start(self, table: str) -> MirrorTarget:
-        await self.md.load(await self.resolver.build(table))
+        table_ = await Table.build("t", parse_table(table), self.resolver.get,
+                                   self.resolver.release, TargetServices(nursery=self.nursery))
+        await self.md.load(table_)
         await self.md.resume()
         await trio.testing.wait_all_tasks_blocked()
         assert self.md.live is not None
@@ -78,12 +83,12 @@ class Rig:
 
 @pytest.fixture
 async def svc(nursery: trio.Nursery) -> trio.Nursery:
-    SERVICE_NURSERY.set(nursery)
+    """The service nursery a :class:`Rig` hands to its tables."""
     return nursery
 
 
 async def test_off_by_default_reads_the_default_leg(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, "ab")
+    rig = Rig(h, svc, "ab")
     target = await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
     assert target.ms.legs.read_balance is False
     assert await rig.read_each(6) == ["a"] * 6
@@ -91,7 +96,7 @@ async def test_off_by_default_reads_the_default_leg(h: SimpleNamespace, svc: tri
 
 
 async def test_on_alternates_legs_and_off_restores(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, "abc")
+    rig = Rig(h, svc, "abc")
     target = await rig.start("0 64 mirror core 2 16 nosync 3 a 0 b 0 c 0")
     assert await target.message(["read_balance", "on"]) is None
     got = await rig.read_each(6)
@@ -107,7 +112,7 @@ async def test_on_alternates_legs_and_off_restores(h: SimpleNamespace, svc: trio
 
 
 async def test_failed_leg_is_never_read(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, "abc")
+    rig = Rig(h, svc, "abc")
     target = await rig.start("0 64 mirror core 2 16 nosync 3 a 0 b 0 c 0")
     await target.message(["read_balance", "on"])
     rig.devs["b"].fail_read = True
@@ -119,7 +124,7 @@ async def test_failed_leg_is_never_read(h: SimpleNamespace, svc: trio.Nursery) -
 
 
 async def test_leg_with_write_error_is_never_read(h: SimpleNamespace, svc: trio.Nursery) -> None:
-    rig = Rig(h, "ab")
+    rig = Rig(h, svc, "ab")
     target = await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
     await target.message(["read_balance", "on"])
     rig.devs["b"].fail_write = True
@@ -133,7 +138,7 @@ async def test_leg_with_write_error_is_never_read(h: SimpleNamespace, svc: trio.
 
 async def test_out_of_sync_region_reads_only_the_default_leg(h: SimpleNamespace,
                                                              svc: trio.Nursery) -> None:
-    rig = Rig(h, "ab")
+    rig = Rig(h, svc, "ab")
     rig.devs["b"].buf[:] = bytes(len(rig.devs["b"].buf))  # b differs: needs resync
     rig.devs["b"].write_gate = trio.Event()  # resync copies to b never finish
     target = await rig.start("0 64 mirror core 2 16 sync 2 a 0 b 0")
@@ -158,7 +163,7 @@ async def test_out_of_sync_region_reads_only_the_default_leg(h: SimpleNamespace,
 ])
 async def test_bad_messages(h: SimpleNamespace, svc: trio.Nursery, words: list[str],
                             error: str) -> None:
-    rig = Rig(h, "ab")
+    rig = Rig(h, svc, "ab")
     target = await rig.start("0 64 mirror core 2 16 nosync 2 a 0 b 0")
     with pytest.raises(TargetArgError, match=error):
         await target.message(words)

@@ -25,7 +25,7 @@ import trio
 import targets  # noqa: F401
 from dmuser.control import dispatch
 from dmuser.manager import DeviceManager
-from targets.mirror import SERVICE_NURSERY
+from targets import mirror_set
 
 VECTOR = Path("/work/shared/vectors/mirror-disklog")
 S = 512
@@ -72,9 +72,12 @@ def manifest() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def mgr(nursery: trio.Nursery) -> AsyncIterator[DeviceManager]:
-    SERVICE_NURSERY.set(nursery)
+async def mgr(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+              ) -> AsyncIterator[DeviceManager]:
+    # The kernel clears a region in the log at the next daemon pass (dmuser delays it).
+    monkeypatch.setattr(mirror_set, "CLEAN_DELAY", 0.0)
     manager = DeviceManager()
+    manager.service_nursery = nursery
     yield manager
     await manager.remove_all()
 
