@@ -107,16 +107,16 @@ async def test_small_bios_stay_inline(files: list[Path]) -> None:
 async def test_preflush_and_fua_run_in_the_thread_in_order(
         files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_sync, real_write = os.fdatasync, blockdev._pwrite_full
+    real_sync, real_write = os.fdatasync, blockdev._pwrite_durable
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("sync"), real_sync(fd))[1])
-    monkeypatch.setattr(blockdev, "_pwrite_full",
-                        lambda *a: (calls.append("write"), real_write(*a))[1])
+    monkeypatch.setattr(blockdev, "_pwrite_durable",  # FUA: the write made durable itself
+                        lambda *a: (calls.append("durable write"), real_write(*a))[1])
     dev = FileDevice(str(files[0]))
     handle = dev.start_submit(Bio(Op.WRITE, 0, 2048, memoryview(bytearray(MiB)),
                                   ReqFlag.PREFLUSH | ReqFlag.FUA))
     assert isinstance(handle, ThreadedBio)
     await handle.wait()
-    assert calls == ["sync", "write", "sync"]
+    assert calls == ["sync", "durable write"]
     dev.close()
 
 
