@@ -4,7 +4,14 @@ Snapshot copy-out, snapshot merge and mirror resync use it.  All I/O goes
 through :mod:`dmuser.dm_io` with the asynchronous form's flags (no REQ_SYNC, as
 in the kernel), run by :func:`~dmuser.dm_io.dm_io_wait` in the sub-job's own
 task (the same bios as ``dm_io`` + a notify function, without a task and an
-event per request).  Slice buffers are reused once their write completed.
+event per request).  Pages are taken without a checkpoint when they are free.
+A small copy whose bios all run inline (``BlockDevice.runs_inline``: plain
+file I/O), submitted while the callback worker is idle, is run by the worker
+itself, I/O then callback: one scheduler pass per job, like a bare task doing
+read + write (dm-io's bios then never wait, so the worker cannot be held up
+by a device).  Otherwise a job has its own task and the worker runs only its
+callback.  Slice buffers are the slice's size and are reused once their
+write completed; the cache of free ones is bounded by the pool (see *Memory*).
 
 Guarantees:
 
@@ -24,14 +31,18 @@ Guarantees:
   because trio tasks and I/O threads do not keep submission order).  Once a
   slice failed, later slices end without writing.
 * **Callbacks** ``fn(read_err, write_err, context)`` run one at a time from the
-  client's single worker task, in completion order (no order between jobs).
+  client's single worker task, in completion order (no order between jobs; a
+  job the worker ran itself calls back after completions queued meanwhile).
   A callback may return an awaitable, which the worker awaits before running
   the next callback, so it must not wait for another job of the same client.
   An exception from a callback propagates out of the client's ``async with``.
 * **Memory.**  Each copy sub-job holds ``ceil(count / 8)`` pages of the
   client's pool (taken before the slice, so sub-jobs never wait for pages while
   holding a slice another one waits on); a sub-job larger than the pool runs
-  alone.  Zeroing uses a shared zero buffer and takes no pages.
+  alone.  Its buffer is the size of its slice.  Free buffers kept for reuse
+  never exceed the pool's free pages, so buffers in use plus cached stay
+  within ``max(nr_pages, one sub-job)`` pages.  Zeroing uses a shared zero
+  buffer and takes no pages.
 * **Lifetime / cancellation.**  Leaving ``async with KcopydClient()`` normally
   waits for every job and its callback (dm_kcopyd_client_destroy), including
   jobs started by callbacks.  If the block raises or is cancelled, jobs in
@@ -42,146 +53,32 @@ Guarantees:
 
 from __future__ import annotations
 
-import enum
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import trio
 
-from .bio import Op, ReqFlag
+from .bio import Bio, Op, ReqFlag
 from .dm_io import BufferMem, DmIoClient, IoRequest, PagePool, Region, dm_io_wait
+from .kcopyd_job import (
+    MAX_DESTS,
+    DEFAULT_SUB_JOB_SIZE,
+    MAX_SUB_JOB_SIZE,
+    SPLIT_COUNT,
+    CopyNotifyFn,
+    KcopydFlag,
+    CopyResult,
+    KcopydStatistics,
+    KcopydThrottle,
+    _Job,
+    _SliceBuf,
+)
 from .units import SECTOR_SHIFT, pages_for
 
-MAX_DESTS = 8
-DEFAULT_SUB_JOB_SIZE = 1024
-MAX_SUB_JOB_SIZE = 2048
-SPLIT_COUNT = 8
-
-#: ``fn(read_err, write_err, context)``; may return an awaitable.
-CopyNotifyFn = Callable[[bool, int, Any], "Awaitable[None] | None"]
-
-
-class KcopydFlag(enum.IntFlag):
-    """Values of ``flags`` (the kernel's bit numbers 1 and 2, shifted)."""
-
-    NONE = 0
-    IGNORE_ERROR = 1 << 1
-    WRITE_SEQ = 1 << 2
-
-
-@dataclass(frozen=True, slots=True)
-class CopyResult:
-    read_err: bool
-    write_err: int
-
-
-@dataclass(frozen=True, slots=True)
-class KcopydStatistics:
-    jobs_done: int
-    jobs_in_flight: int
-    #: Source sectors whose write reached every destination without error.
-    sectors_copied: int
-    nr_pages: int
-    pages_in_use: int
-    throttle_sleeps: int
-
-
-class KcopydThrottle:
-    """Limit the fraction of time a client has I/O outstanding (kernel §6.7).
-
-    ``percent`` >= 100 means unlimited and may be changed at any time, like the
-    kernel's module parameters; one throttle may be shared by several clients.
-    Before each I/O, while ``io_period - percent * total_period / 100 > 0`` it
-    sleeps :attr:`SLEEP` seconds, at most :attr:`MAX_SLEEPS` times.  Both
-    periods are halved whenever the total reaches :attr:`INTERVAL`.  It only
-    delays I/O, never fails it.
-    """
-
-    INTERVAL = 1.0
-    SLEEP = 0.1
-    MAX_SLEEPS = 10
-
-    def __init__(self, percent: int = 100) -> None:
-        self.percent = percent
-        #: How many times this throttle has slept (statistics).
-        self.sleeps = 0
-        self._io_period = 0.0
-        self._total_period = 0.0
-        self._last: float | None = None
-        self._nr_io = 0
-
-    def _account(self, busy: bool) -> None:
-        now = trio.current_time()
-        diff = 0.0 if self._last is None else now - self._last
-        self._last = now
-        if busy:
-            self._io_period += diff
-        self._total_period += diff
-        self._io_period = min(self._io_period, self._total_period)
-        while self._total_period >= self.INTERVAL:
-            self._total_period /= 2
-            self._io_period /= 2
-
-    async def io_start(self) -> None:
-        """Call before issuing an I/O: sleeps while over budget (a checkpoint if it sleeps)."""
-        for _ in range(self.MAX_SLEEPS):
-            if self.percent >= 100:
-                break
-            self._account(self._nr_io > 0)
-            if self._io_period - self.percent * self._total_period / 100 <= 0:
-                break
-            self.sleeps += 1
-            await trio.sleep(self.SLEEP)
-        self._nr_io += 1
-
-    def io_finish(self) -> None:
-        """Call when that I/O completed; the busy time is charged when none is left."""
-        self._nr_io -= 1
-        if self.percent < 100 and self._nr_io == 0:
-            self._account(True)
-
-
-@dataclass(slots=True, eq=False)
-class _Job:
-    """One copy/zero job, shared by its sub-jobs (all fields change between checkpoints)."""
-
-    src: Region | None
-    dests: tuple[Region, ...]
-    count: int
-    flags: KcopydFlag
-    write_op: Op
-    fn: CopyNotifyFn
-    context: Any
-    progress: int = 0
-    read_err: bool = False
-    write_err: int = 0
-    seq_offset: int = 0  # WRITE_SEQ: offset of the next slice allowed to write
-    seq_stop: int | None = None  # WRITE_SEQ: offset of the first failed slice
-    seq_changed: trio.Event = field(default_factory=trio.Event)
-    done: bool = False
-
-    @property
-    def stopped(self) -> bool:
-        failed = self.read_err or bool(self.write_err)
-        return failed and not self.flags & KcopydFlag.IGNORE_ERROR
-
-    def seq_blocked(self, offset: int) -> bool:
-        """WRITE_SEQ: a slice before ``offset`` failed, so this one must not write."""
-        return self.seq_stop is not None and offset > self.seq_stop
-
-    def seq_advance(self, offset: int, next_offset: int | None) -> None:
-        """WRITE_SEQ: the slice at ``offset`` is done; None means it failed."""
-        if next_offset is None:
-            self.seq_stop = offset if self.seq_stop is None else min(self.seq_stop, offset)
-        else:
-            self.seq_offset = next_offset
-        self.seq_changed.set()
-        self.seq_changed = trio.Event()
 
 
 class PreparedCallback:
@@ -221,7 +118,10 @@ class KcopydClient:
         self.sub_job_size = min(sub_job_size or DEFAULT_SUB_JOB_SIZE, MAX_SUB_JOB_SIZE)
         self.split_count = split_count
         self._pages = PagePool(pages_for(self.sub_job_size) if nr_pages is None else nr_pages)
-        self._free_bufs: list[memoryview] = []  # slice buffers for reuse (sub_job_size each)
+        # Free slice buffers for reuse, by size in bytes, each with its read and
+        # write requests (built once per buffer); ``_cached_pages`` counts them.
+        self._free_bufs: dict[int, list[_SliceBuf]] = {}
+        self._cached_pages = 0
         self.throttle = throttle if isinstance(throttle, KcopydThrottle) else \
             KcopydThrottle(100 if throttle is None else throttle)
         self._io_client = DmIoClient() if io_reserved_pages is None else \
@@ -230,6 +130,8 @@ class KcopydClient:
         self._nursery: trio.Nursery | None = None
         self._send: trio.MemorySendChannel[_Job] | None = None
         self._nr_jobs = 0  # jobs started whose callback has not finished
+        self._queued = 0  # jobs sent to the worker and not yet received
+        self._worker_free = True  # the worker waits for a job (none being handled)
         self._idle = trio.Event()
         self._jobs_done = 0
         self._sectors_copied = 0
@@ -238,6 +140,7 @@ class KcopydClient:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[None]:
         self._nr_jobs = 0  # jobs cancelled by an earlier failed exit never called back
+        self._queued, self._worker_free = 0, True
         async with self._io_client, trio.open_nursery() as nursery:
             send, recv = trio.open_memory_channel[_Job](math.inf)
             nursery.start_soon(self._worker, recv)
@@ -265,23 +168,60 @@ class KcopydClient:
         return await cm.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
 
     async def _worker(self, recv: trio.MemoryReceiveChannel[_Job]) -> None:
-        """The single task that runs every callback of this client."""
+        """The single task that runs every callback of this client (and runs
+        small inline jobs itself, see the module docstring)."""
         async for job in recv:
+            self._queued -= 1
+            self._worker_free = False
             try:
-                result = job.fn(job.read_err, job.write_err, job.context)
-                if inspect.isawaitable(result):
-                    await result
+                if job.in_worker:
+                    job.in_worker = False
+                    if not await self._run_in_worker(job):
+                        continue
+                await self._callback(job)
             finally:
-                self._jobs_done += 1
-                self._nr_jobs -= 1
-                if not self._nr_jobs:
-                    self._idle.set()
-                    self._idle = trio.Event()
+                self._worker_free = True
+
+    async def _run_in_worker(self, job: _Job) -> bool:
+        """Run a small job's I/O here; True if its callback is due now.
+
+        Without free pages the job gets its own task instead (the worker never
+        waits for pages).  Completions queued while the I/O ran came first:
+        the job then queues its own behind them.
+        """
+        want = pages_for(job.count)
+        if not self._pages.try_acquire(want):
+            self._running().start_soon(self._run_job, job)
+            return False
+        await self._take_slice(job, want)
+        if self._queued:
+            self._complete(job)
+            return False
+        job.done = True
+        return True
+
+    async def _callback(self, job: _Job) -> None:
+        try:
+            result = job.fn(job.read_err, job.write_err, job.context)
+            if inspect.isawaitable(result):
+                await result
+        finally:
+            self._jobs_done += 1
+            self._nr_jobs -= 1
+            if not self._nr_jobs:
+                self._idle.set()
+                self._idle = trio.Event()
 
     def _complete(self, job: _Job) -> None:
         job.done = True
         if self._send is not None and self._nursery is not None:
+            self._queued += 1
             self._send.send_nowait(job)
+
+    @property
+    def running(self) -> bool:
+        """True while jobs can be submitted (entered and not yet left)."""
+        return self._nursery is not None
 
     def _running(self) -> trio.Nursery:
         if self._nursery is None:
@@ -357,8 +297,26 @@ class KcopydClient:
         self._nr_jobs += 1
         if job.count == 0:
             self._complete(job)
+        elif self._worker_free and not self._queued and self._runs_inline(job):
+            assert self._send is not None
+            job.in_worker = True
+            self._queued += 1
+            self._send.send_nowait(job)
         else:
             nursery.start_soon(self._run_job, job)
+
+    def _runs_inline(self, job: _Job) -> bool:
+        """A copy of one slice, unthrottled, whose bios all run inline: the
+        worker can run it without waiting for anything but pages, which it
+        only takes when free."""
+        n = job.count
+        if job.src is None or n > self.sub_job_size or self.throttle.percent < 100:
+            return False
+        bio = Bio(Op.READ, job.src.sector, n)
+        if not job.src.dev.runs_inline(bio):
+            return False
+        bio.op = Op.WRITE
+        return all(d.dev.runs_inline(bio) for d in job.dests)
 
     async def _run_job(self, job: _Job) -> None:
         if job.count <= self.sub_job_size:
@@ -375,57 +333,98 @@ class KcopydClient:
         while job.progress < job.count and not job.stopped:
             # Pages first, then the slice: a sub-job never holds a slice while
             # waiting for pages, so WRITE_SEQ cannot deadlock on the pool.
-            if want:
+            if want and not self._pages.try_acquire(want):
                 await self._pages.acquire(want)
-            held = want
-            try:
-                if job.progress >= job.count or job.stopped:
-                    return
-                offset = job.progress
-                n = min(self.sub_job_size, job.count - offset)
-                job.progress += n
-                if job.src is not None and pages_for(n) < held:
-                    self._pages.release(held - pages_for(n))
-                    held = pages_for(n)
-                await self._slice(job, offset, n)
-            finally:
-                if held:
-                    self._pages.release(held)
+            await self._take_slice(job, want)
+
+    async def _take_slice(self, job: _Job, held: int) -> None:
+        """With ``held`` pages taken: run the job's next slice, if any is left
+        and the job has not stopped, then give the pages back."""
+        try:
+            if job.progress >= job.count or job.stopped:
+                return
+            offset = job.progress
+            n = min(self.sub_job_size, job.count - offset)
+            job.progress += n
+            if job.src is not None and pages_for(n) < held:
+                self._pages.release(held - pages_for(n))
+                held = pages_for(n)
+            await self._slice(job, offset, n)
+        finally:
+            if held:
+                self._pages.release(held)
 
     async def _slice(self, job: _Job, offset: int, n: int) -> None:
         """Read one slice (unless zeroing), then write it to every destination."""
         if job.src is None:
             await self._write_slice(job, offset, n, None)
             return
-        whole = self._free_bufs.pop() if self._free_bufs else \
-            memoryview(bytearray(self.sub_job_size << SECTOR_SHIFT))
+        buf = self._get_buf(n << SECTOR_SHIFT)
         try:
-            buf = whole[: n << SECTOR_SHIFT]
-            read = Region(job.src.dev, job.src.sector + offset, n)
-            if await self._io(IoRequest(Op.READ, ReqFlag.NONE, BufferMem(buf)), [read]):
+            src = job.src
+            read = src if offset == 0 and n == src.count else \
+                Region(src.dev, src.sector + offset, n)
+            if await self._io(buf.read, [read]):
                 job.read_err = True
                 if not job.flags & KcopydFlag.IGNORE_ERROR:
                     if job.flags & KcopydFlag.WRITE_SEQ:
                         job.seq_advance(offset, None)
                     return
-            await self._write_slice(job, offset, n, BufferMem(buf))
+            await self._write_slice(job, offset, n, buf.write)
         finally:
             # Reused only once every bio on it has completed (dm-io waits for
             # them, shielded threads included), so no I/O can still touch it.
-            self._free_bufs.append(whole)
+            self._put_buf(buf)
 
-    async def _write_slice(self, job: _Job, offset: int, n: int, mem: BufferMem | None) -> None:
-        """Write one slice (``mem`` None: zeroing) to every destination, in WRITE_SEQ order."""
-        seq = bool(job.flags & KcopydFlag.WRITE_SEQ)
-        if job.src is None and job.write_op is Op.WRITE:
-            mem = BufferMem(self._zeros[: n << SECTOR_SHIFT])
+    def _get_buf(self, nbytes: int) -> _SliceBuf:
+        """A slice buffer of ``nbytes`` (contents undefined), called with the
+        slice's pages taken: a cached one if any, else a new one, after dropping
+        cached buffers until cache + pages in use fit in the pool."""
+        free = self._free_bufs.get(nbytes)
+        if free:
+            self._cached_pages -= pages_for(nbytes >> SECTOR_SHIFT)
+            buf = free.pop()
+            if not free:
+                del self._free_bufs[nbytes]
+            return buf
+        pool = self._pages.statistics()
+        while self._cached_pages and self._cached_pages + pool.pages_in_use > pool.nr_pages:
+            size, bufs = next(iter(self._free_bufs.items()))
+            bufs.pop()
+            self._cached_pages -= pages_for(size >> SECTOR_SHIFT)
+            if not bufs:
+                del self._free_bufs[size]
+        return _SliceBuf(nbytes)
+
+    def _put_buf(self, buf: _SliceBuf) -> None:
+        """Keep ``buf`` for reuse if the cache then fits in the pool's free pages
+        (called while the slice still holds its pages, which it gives back next)."""
+        pages = pages_for(buf.nbytes >> SECTOR_SHIFT)
+        pool = self._pages.statistics()
+        if self._cached_pages + pages > pool.nr_pages - pool.pages_in_use + pages:
+            return
+        self._cached_pages += pages
+        self._free_bufs.setdefault(buf.nbytes, []).append(buf)
+
+    async def _write_slice(self, job: _Job, offset: int, n: int, req: IoRequest | None) -> None:
+        """Write one slice (``req`` None: zeroing) to every destination, in WRITE_SEQ order."""
+        seq = bool(job.flags & KcopydFlag.WRITE_SEQ) if job.flags else False
+        if req is None:
+            mem = BufferMem(self._zeros[: n << SECTOR_SHIFT]) if job.write_op is Op.WRITE \
+                else None
+            req = IoRequest(job.write_op, ReqFlag.NONE, mem)
         if seq:
             while job.seq_offset != offset and not job.seq_blocked(offset):
+                if job.seq_changed is None:
+                    job.seq_changed = trio.Event()
                 await job.seq_changed.wait()
             if job.seq_blocked(offset):
                 return
-        regions = [Region(d.dev, d.sector + offset, n) for d in job.dests]
-        error_bits = await self._io(IoRequest(job.write_op, ReqFlag.NONE, mem), regions)
+        if offset == 0 and all(d.count == n for d in job.dests):
+            regions = list(job.dests)
+        else:
+            regions = [Region(d.dev, d.sector + offset, n) for d in job.dests]
+        error_bits = await self._io(req, regions)
         job.write_err |= error_bits
         if not error_bits:
             self._sectors_copied += n
@@ -434,7 +433,11 @@ class KcopydClient:
 
     async def _io(self, req: IoRequest, regions: list[Region]) -> int:
         """One throttled asynchronous dm-io request; returns its error bits."""
-        await self.throttle.io_start()
+        throttle = self.throttle
+        if throttle.percent >= 100:  # unlimited: no coroutine (io_start would not sleep)
+            throttle._nr_io += 1
+        else:
+            await throttle.io_start()
         try:
             # The asynchronous form's flags (no REQ_SYNC), run in this sub-job's
             # task: the same I/O as dm_io + notify, without a task and an event.

@@ -28,10 +28,10 @@ order, but COW chunks must be allocated in sector order to reproduce the
 kernel's COW layout byte for byte.  Sectors are not offset by ``ti.begin``
 (the kernel's quirk; tables put these targets at sector 0).
 
-Copy-outs run in the target's service (``snapshot_service.Service.copy``: one
-task reads the origin chunk and writes the COW chunk, no kcopyd), then enter
-the commit loop of :meth:`SnapshotTarget._copy_done`, which one task at a time
-runs, in allocation order.  Bios whose chunks all map to consecutive COW
+Copy-outs are kcopyd jobs of the target's service (``snapshot_service.Service.copy``);
+their callback, in the kcopyd client's worker, enters the commit loop of
+:meth:`SnapshotTarget._copy_done`, which one task at a time runs, in
+allocation order.  Bios whose chunks all map to consecutive COW
 chunks go down as one piece.
 
 Fields: everything is changed only between checkpoints (trio is
@@ -243,7 +243,8 @@ class SnapshotTarget(Target):
     async def _copy_done(self, pe: PendingException, failed: bool) -> None:
         """A copy (or full-chunk write) ended: commit, in allocation order.
 
-        Runs in the copy's own service task.  One task at a time runs the
+        Runs in the kcopyd callback worker (a copy) or in the full-chunk
+        write's service task.  One task at a time runs the
         commit loop (``_committing``); a copy finishing meanwhile only queues
         its exception, and the running loop commits it when its turn comes
         (its check follows every await), so commits never overlap and go in

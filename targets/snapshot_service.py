@@ -1,4 +1,4 @@
-"""The background half of a snapshot target: its copier, kcopyd client and helper tasks.
+"""The background half of a snapshot target: its kcopyd client and helper tasks.
 
 A trio nursery belongs to the task that opened it, but a target is opened
 (table load) and closed (table destroy) by different control requests.  So
@@ -9,17 +9,16 @@ returns once it is ready; :meth:`Service.stop` asks it to finish and returns
 only after every copy, kcopyd job, kcopyd callback and helper task has
 finished.  Nothing outlives the target.
 
-Copy-outs do not go through kcopyd: :meth:`Service.copy` is one task that
-reads the origin chunk and writes it to the COW chunk (``pread``/``pwrite``
-inline for file devices), then runs the caller's completion in the same task.
-A kcopyd job costs about nine scheduler passes (job task, a dm-io task per
-read and per write, their wake-ups, the callback worker) where this costs one;
-at 64 KiB chunks that was a third of a copy-out's time.  Same guarantees as
-kcopyd for this use: plain writes (no flush, no FUA), the read is never
-written when it failed, memory is bounded (:data:`COPY_POOL_PAGES`; a copy
-larger than that runs alone; no FIFO order between waiters), and a started
-copy is always finished (``stop()`` waits for it).  kcopyd is still used for
-merging and for zeroing discarded chunks.
+Copy-outs go through kcopyd (:meth:`Service.copy`): one job per copy-out
+on the service's :class:`~dmuser.kcopyd.KcopydClient`, whose callback worker
+awaits the caller's completion (the snapshot's ordered commit loop), as the
+kernel runs ``copy_callback`` in kcopyd's thread.  kcopyd gives the
+guarantees a copy-out needs: plain writes (no flush, no FUA), a failed read
+is never written, memory is bounded by the client's page pool
+(:data:`COPY_POOL_PAGES`; a copy larger than the pool runs alone), and a
+started copy is always finished (``stop()`` waits for the client, which waits
+for every job and callback).  The client also runs merge copies and the
+zeroing of discarded chunks.
 """
 
 from __future__ import annotations
@@ -30,27 +29,30 @@ from typing import Any
 
 import trio
 
-from dmuser.bio import Bio
 from dmuser.dm_io import Region
-from dmuser.errors import DmError, DmIOError
-from dmuser.kcopyd import KcopydClient
-from dmuser.units import SECTOR_SHIFT, pages_for
+from dmuser.errors import DmError
+from dmuser.kcopyd import KcopydClient, KcopydFlag
 
 log = logging.getLogger(__name__)
 
-#: Largest read/write of a copy (sectors): 1 MiB, the largest I/O run inline.
-COPY_SLICE = 2048
-#: Memory for copies in flight, in pages (16 MiB: 256 copies of 64 KiB chunks).
+#: The kcopyd client's page pool: memory for copies in flight, in pages
+#: (16 MiB: 256 copy-outs of 64 KiB chunks; the kernel's kcopyd allocates
+#: beyond its 128-page reserve while memory allows).
 COPY_POOL_PAGES = 4096
 
-#: ``done(failed)``: a copy's completion, awaited in the copy's task.
+#: ``done(failed)``: a copy's completion, awaited by the kcopyd callback worker.
 CopyDoneFn = Callable[[bool], Awaitable[None]]
 
 
+def _copied(read_err: bool, write_err: int, done: CopyDoneFn) -> Awaitable[None]:
+    """kcopyd callback of a copy: the caller's completion, awaited by the worker."""
+    return done(read_err or bool(write_err))
+
+
 class Service:
-    """A copier, a kcopyd client and two nurseries: ``io`` tasks (copies, metadata
-    writes, full-chunk writes) run to completion; ``bg`` tasks (the merge loop)
-    are cancelled by stop()."""
+    """A kcopyd client (copy-outs, merge copies, zeroing) and two nurseries:
+    ``io`` tasks (metadata writes, full-chunk writes) run to completion; ``bg``
+    tasks (the merge loop) are cancelled by stop()."""
 
     def __init__(self, name: str, nursery: trio.Nursery | None = None) -> None:
         self.name = name
@@ -58,8 +60,6 @@ class Service:
         self._parent = nursery
         self._io: trio.Nursery | None = None
         self._bg: trio.Nursery | None = None
-        self._pages_in_use = 0  # copy memory taken (changed only between checkpoints)
-        self._pages_freed = trio.Event()
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._started = False
@@ -79,7 +79,7 @@ class Service:
     async def _main(self, ready: trio.Event) -> None:
         try:
             # kcopyd closes first (its callbacks may start io tasks), then io, then bg.
-            async with trio.open_nursery() as io, KcopydClient() as kc:
+            async with trio.open_nursery() as io, KcopydClient(COPY_POOL_PAGES) as kc:
                 async with trio.open_nursery() as bg:
                     self.kc, self._io, self._bg = kc, io, bg
                     ready.set()
@@ -105,33 +105,16 @@ class Service:
         return True
 
     def copy(self, src: Region, dst: Region, done: CopyDoneFn) -> bool:
-        """Copy ``src.count`` sectors of ``src`` to ``dst`` in the background, then
-        await ``done(failed)`` in the same task.  Returns at once; False (nothing
-        started, ``done`` not called) when the service is not running."""
-        return self.start_io(self._copy, src, dst, done)
-
-    async def _copy(self, src: Region, dst: Region, done: CopyDoneFn) -> None:
-        failed = False
-        offset = 0
-        while offset < src.count and not failed:
-            n = min(COPY_SLICE, src.count - offset)
-            pages = pages_for(n)
-            # no checkpoint when memory is free: a copy-out costs no extra scheduler pass
-            while self._pages_in_use and self._pages_in_use + pages > COPY_POOL_PAGES:
-                await self._pages_freed.wait()
-            self._pages_in_use += pages
-            try:
-                buf = bytearray(n << SECTOR_SHIFT)
-                await src.dev.submit(Bio.read(src.sector + offset, buf))
-                await dst.dev.submit(Bio.write(dst.sector + offset, buf))
-            except DmIOError:
-                failed = True
-            finally:
-                self._pages_in_use -= pages
-                self._pages_freed.set()
-                self._pages_freed = trio.Event()
-            offset += n
-        await done(failed)
+        """Copy ``src.count`` sectors of ``src`` to ``dst`` as a kcopyd job, then
+        await ``done(failed)`` in the client's callback worker.  Returns at once;
+        False (nothing started, ``done`` not called) when the service is not
+        running."""
+        kc = self.kc
+        if kc is None or not kc.running:
+            log.error("%s: service not running; dropping a copy", self.name)
+            return False
+        kc.copy(src, [dst], KcopydFlag.NONE, _copied, done)
+        return True
 
     def start_bg(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` until it returns or stop() cancels it."""

@@ -115,6 +115,47 @@ async def test_copy_between_files(tmp_path: Path) -> None:
     assert (tmp_path / "b").read_bytes() == data
 
 
+async def test_small_inline_copies_run_in_the_worker(tmp_path: Path) -> None:
+    """Small file copies submitted while the worker is idle run there (I/O, then
+    callback); the rest get a task.  Either way: byte-exact, one callback at a
+    time from one task, every page given back, cached buffers within the pool."""
+    data = random.Random(4).randbytes(64 * 128 * 512)
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(bytes(len(data)))
+    (tmp_path / "c").write_bytes(bytes(len(data)))
+    a, b, c = (FileDevice(str(tmp_path / n)) for n in "abc")
+    tasks: set[trio.lowlevel.Task] = set()
+    order: list[int] = []
+    active, max_active = [0], [0]
+
+    async def callback(read_err: bool, write_err: int, context: Any) -> None:
+        assert (read_err, write_err) == (False, 0)
+        tasks.add(trio.lowlevel.current_task())
+        active[0] += 1
+        max_active[0] = max(max_active[0], active[0])
+        await trio.lowlevel.checkpoint()
+        active[0] -= 1
+        order.append(context)
+
+    try:
+        async with KcopydClient(nr_pages=64) as kc:
+            for i in range(64):
+                kc.copy(Region(a, 128 * i, 128), [Region(b, 128 * i, 128), Region(c, 128 * i, 128)],
+                        0, callback, i)
+                if i % 3 == 0:
+                    await trio.sleep(0)
+            # one at a time, from the worker (the idle-worker case is the first one)
+            assert await kc.copy_wait(Region(a, 0, 128), [Region(b, 0, 128)]) == CopyResult(False, 0)
+            assert kc._cached_pages + kc.statistics().pages_in_use <= 64
+        assert kc.statistics().pages_in_use == 0 and kc.statistics().jobs_done == 65
+    finally:
+        for dev in (a, b, c):
+            dev.close()
+    assert sorted(order) == list(range(64)) and max_active[0] == 1
+    assert len(tasks) == 1 and trio.lowlevel.current_task() not in tasks
+    assert (tmp_path / "b").read_bytes() == data and (tmp_path / "c").read_bytes() == data
+
+
 async def test_small_job_is_one_read_and_one_write_per_dest() -> None:
     src, d1, d2 = Probe(source(2048)), Probe(filled(2048)), Probe(filled(2048))
     async with KcopydClient() as kc:
