@@ -13,7 +13,8 @@ write whole sectors, all under a :class:`RangeLock` on the sectors touched, so
 concurrent writes to the same sector cannot undo each other.  Writes past the
 end of the device fail with ENOSPC, reads past it return nothing (EOF), as for a
 block device.  Aligned reads and writes on a device whose live table is one
-linear target onto a file take the direct path (``MappedDevice.read_direct``,
+target that remaps them straight onto a file (linear; snapshot-origin when no
+copy-out is needed) take the direct path (``MappedDevice.read_direct``,
 ``write_direct``: one inline ``pread``/``pwrite``, no bio; a write only when no
 read-modify-write holds an overlapping range); everything else, and anything
 the direct path declines, goes through ``MappedDevice.submit``.

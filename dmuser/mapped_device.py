@@ -110,10 +110,11 @@ class MappedDevice(BlockDevice):
                 if self._in_flight == 0 and self._drained is not None:
                     self._drained.set()
 
-    # -- the direct path: one linear target onto a file, no bio ---------------------------
+    # -- the direct path: a one-target table remapping straight onto a file, no bio -------
     #
     # Applies when the device is not suspended, its live table is ``direct`` (see
-    # ``Table.direct``) and the request is small enough for inline I/O.  Each call
+    # ``Table.direct``), its target accepts this request now (``direct_remap``)
+    # and the request is small enough for inline I/O.  Each call
     # returns None/False when it does not apply, and also when the syscall failed:
     # the caller then sends the request through submit(), which waits, maps and
     # reports errors the usual way (a failed attempt is simply repeated there).
@@ -121,19 +122,23 @@ class MappedDevice(BlockDevice):
     # suspend or a table swap can never find one half done.  This is the 4 KiB
     # random I/O fast path (docs/benchmarks.md).
 
-    def _direct_place(self, sector: int, nbytes: int) -> tuple[FileDevice, int] | None:
+    def _direct_place(self, write: bool, sector: int,
+                      nbytes: int) -> tuple[FileDevice, int] | None:
         table = self.live
         if self._suspended or table is None or table.direct is None \
                 or nbytes > POLICY.inline_max_bytes:
             return None
-        dev, delta, nr_sectors = table.direct
-        if sector + (nbytes >> SECTOR_SHIFT) > nr_sectors:
+        nr_sectors = nbytes >> SECTOR_SHIFT
+        if sector + nr_sectors > table.nr_sectors:
             return None
-        return dev, sector + delta
+        place = table.direct.direct_remap(write, sector, nr_sectors)
+        if place is None:
+            return None
+        return place[0], sector + place[1]  # type: ignore[return-value]  (a file: Table.build)
 
     def read_direct(self, sector: int, nbytes: int) -> bytes | None:
         """``nbytes`` (whole sectors) from ``sector`` by the direct path, or None."""
-        place = self._direct_place(sector, nbytes)
+        place = self._direct_place(False, sector, nbytes)
         if place is None:
             return None
         try:
@@ -144,7 +149,7 @@ class MappedDevice(BlockDevice):
 
     def write_direct(self, sector: int, data: bytes | memoryview) -> bool:
         """Write ``data`` (whole sectors) at ``sector`` by the direct path; False if not done."""
-        place = self._direct_place(sector, len(data))
+        place = self._direct_place(True, sector, len(data))
         if place is None:
             return False
         try:

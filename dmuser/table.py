@@ -94,10 +94,9 @@ class Table:
         #: the only target, when one target without max_io_len spans the table:
         #: data bios go to it whole, without split()
         self._single: Target | None = None
-        #: ``(file, delta, nr_sectors)`` when the table is one target that maps
-        #: every sector straight onto a backing file (linear): plain reads and
-        #: writes may go to ``file`` at ``sector + delta`` without a bio at all
-        self.direct: tuple[FileDevice, int, int] | None = None
+        #: the only target, when it may remap plain reads and writes straight
+        #: onto a backing file without map() (``Target.direct_remap``)
+        self.direct: Target | None = None
 
     @property
     def nr_sectors(self) -> int:
@@ -126,9 +125,9 @@ class Table:
         table._flush_targets = [t for t in table.targets if t.num_flush_bios]
         if len(table.targets) == 1 and not table.targets[0].ti.max_io_len:
             table._single = table.targets[0]
-            remap = table._single.static_remap()
-            if remap is not None and isinstance(remap[0], FileDevice):
-                table.direct = (remap[0], remap[1], table.nr_sectors)
+            probe = table._single.direct_remap(False, 0, 0)  # reads: which device?
+            if probe is not None and isinstance(probe[0], FileDevice):
+                table.direct = table._single
         return table
 
     def _add_target(self, spec: TargetSpec, get_device: Callable[[str], BlockDevice]) -> None:

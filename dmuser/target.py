@@ -144,12 +144,16 @@ class Target:
         """Device ranges this target uses; the table checks they fit."""
         return []
 
-    def static_remap(self) -> tuple[BlockDevice, int] | None:
-        """``(device, delta)`` if map() only ever sends a bio to ``device`` at
-        ``sector + delta``, whatever the bio, with no end_io and no state.
+    def direct_remap(self, write: bool, sector: int, nr_sectors: int) -> tuple[BlockDevice, int] | None:
+        """``(device, delta)`` if a plain read (``write`` False) or write of these
+        sectors may skip map() right now: map() would only send it, at
+        ``sector + delta``, to ``device``, with no end_io; None otherwise.
 
-        The core may then skip map() for plain reads and writes (see
-        ``Table.direct``); linear says so, every other target keeps the default.
+        Must not yield or change any state.  The core asks just before it does
+        the I/O without yielding (``MappedDevice.read_direct``/``write_direct``),
+        so the answer cannot go stale in between.  Linear always says yes,
+        snapshot-origin for reads and for writes no snapshot needs a copy of;
+        every other target keeps the default.
         """
         return None
 

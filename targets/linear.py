@@ -40,7 +40,7 @@ class LinearTarget(Target):
             return f"{self.dev.status_name} {self.offset}"
         return ""
 
-    def static_remap(self) -> tuple[BlockDevice, int]:
+    def direct_remap(self, write: bool, sector: int, nr_sectors: int) -> tuple[BlockDevice, int]:
         return self.dev, self.offset - self.ti.begin
 
     def iterate_devices(self) -> list[DeviceRange]:

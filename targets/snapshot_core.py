@@ -177,6 +177,24 @@ def _needs_no_copy(snap: SnapshotTarget, start: int, end: int) -> bool:
     return not pending or not any(map(pending.__contains__, range(first, last + 1)))
 
 
+def origin_write_is_plain(origin_dev: BlockDevice, sector: int, nr_sectors: int) -> bool:
+    """True if :func:`do_origin` would return at once for a write of these
+    sectors: no snapshot is throttled or being invalidated, and none needs a
+    copy of any chunk they touch.  Synchronous, for the direct path
+    (``SnapshotOriginTarget.direct_remap``); conservative: any doubt is False."""
+    origin = lookup_origin(origin_dev)
+    if origin is None or not origin.snapshots:
+        return True
+    end = sector + nr_sectors
+    for snap in origin.snapshots:
+        if snap.in_progress > snap.cow_threshold or snap._dropped is not None:
+            return False
+        if snap.active and snap.valid and not snap.is_merge \
+                and not _needs_no_copy(snap, sector, end):
+            return False
+    return True
+
+
 async def do_origin(origin_dev: BlockDevice, bio: Bio, throttle: bool) -> None:
     """Copy out every chunk a write to the origin is about to overwrite (``do_origin``).
 

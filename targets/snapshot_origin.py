@@ -31,6 +31,7 @@ from .snapshot_core import (
     get_device,
     get_origin,
     lookup_origin,
+    origin_write_is_plain,
 )
 
 
@@ -52,6 +53,13 @@ class SnapshotOriginTarget(Target):
         if bio.is_write and bio.nr_sectors:
             await do_origin(self.dev, bio, throttle=True)
         return self.dev
+
+    def direct_remap(self, write: bool, sector: int, nr_sectors: int) -> tuple[BlockDevice, int] | None:
+        """Reads pass straight through, and so do writes no snapshot needs a copy
+        for (map() would return at once): those may skip map()."""
+        if write and nr_sectors and not origin_write_is_plain(self.dev, sector, nr_sectors):
+            return None
+        return self.dev, 0
 
     async def resume(self) -> None:
         origin = get_origin(self.dev)

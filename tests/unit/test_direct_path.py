@@ -69,8 +69,8 @@ async def test_table_direct_only_for_one_linear_target_on_a_file(tmp_path: Path,
     cwd = str(tmp_path)
     lin = await mgr.create("lin", "0 32 linear a.img 16", cwd)
     assert lin.live is not None and lin.live.direct is not None
-    dev, delta, nr = lin.live.direct
-    assert (dev.path, delta, nr) == (str(tmp_path / "a.img"), 16, 32)
+    dev, delta = lin.live.direct.direct_remap(True, 0, 8)
+    assert (dev.path, delta) == (str(tmp_path / "a.img"), 16)
     two = await mgr.create("two", "0 8 linear a.img 0\n8 8 linear a.img 40", cwd)
     stacked = await mgr.create("stacked", "0 16 linear lin 0", cwd)
     flakey = await mgr.create("flakey", "0 16 flakey a.img 0 5 0", cwd)
@@ -79,7 +79,7 @@ async def test_table_direct_only_for_one_linear_target_on_a_file(tmp_path: Path,
         assert md.live is not None and md.live.direct is None, md.name
     assert two.live is not None
     second = two.live.targets[1]   # device sector 8 + k is file sector 40 + k
-    assert second.static_remap() == (dev, 40 - 8)
+    assert second.direct_remap(False, 8, 1) == (dev, 40 - 8)
     await h.remove_all_checked(mgr)
 
 
@@ -167,7 +167,7 @@ async def test_table_swap_redirects_direct_io(env: Env, no_full_path: list[objec
 
 async def test_failure_is_reported_by_the_full_path(env: Env) -> None:
     assert env.md.live is not None and env.md.live.direct is not None
-    dev = env.md.live.direct[0]
+    dev = env.md.live.direct.direct_remap(False, 0, 1)[0]
     fd = dev.fd
     dev.fd = -1  # every syscall on it now fails (EBADF)
     try:
@@ -179,3 +179,70 @@ async def test_failure_is_reported_by_the_full_path(env: Env) -> None:
         assert info.value.errno == errno.EBADF
     finally:
         dev.fd = fd
+
+
+# -- snapshot-origin: reads, and writes no snapshot needs a copy for -------------------------
+
+
+class OriginEnv(SimpleNamespace):
+    mgr: DeviceManager
+    fs: DeviceFS
+    base: Path
+    origin_fh: int
+    snap_fh: int
+    before: bytes
+
+
+@pytest.fixture
+async def oenv(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[OriginEnv]:
+    mgr = DeviceManager()
+    fs = DeviceFS(mgr)
+    base = tmp_path / "base.img"
+    before = h.make_file(base, 64, seed=9)
+    h.make_file(tmp_path / "cow.img", 64, seed=None)
+    await mgr.create("snap", "0 64 snapshot base.img cow.img P 8", str(tmp_path))
+    await mgr.create("o", "0 64 snapshot-origin base.img", str(tmp_path))
+    fhs = []
+    for name in (b"o", b"snap"):
+        inode = (await fs.lookup(pyfuse3.ROOT_INODE, name, None)).st_ino
+        fhs.append((await fs.open(inode, os.O_RDWR, None)).fh)
+    yield OriginEnv(mgr=mgr, fs=fs, base=base, origin_fh=fhs[0], snap_fh=fhs[1],
+                    before=before)
+    for fh in fhs:
+        await fs.release(fh)
+    await h.remove_all_checked(mgr)
+
+
+async def test_origin_first_write_copies_out_then_rewrites_go_direct(
+        oenv: OriginEnv, no_full_path: list[object]) -> None:
+    first, second = os.urandom(S), os.urandom(S)
+    await oenv.fs.write(oenv.origin_fh, 9 * S, first)    # chunk 1, not yet copied
+    assert len(no_full_path) == 1, "a write needing a copy-out must take the full path"
+    await oenv.fs.write(oenv.origin_fh, 10 * S, second)  # chunk 1 again: copied already
+    assert len(no_full_path) == 1, "a write no snapshot needs a copy for goes direct"
+    assert oenv.base.read_bytes()[9 * S : 11 * S] == first + second
+    # the snapshot still shows the chunk as it was (its reads take the full path)
+    assert await oenv.fs.read(oenv.snap_fh, 8 * S, 8 * S) == oenv.before[8 * S : 16 * S]
+    assert await oenv.fs.read(oenv.origin_fh, 9 * S, 2 * S) == first + second
+
+
+async def test_origin_write_is_plain_only_without_pending_throttle_or_copy(
+        oenv: OriginEnv) -> None:
+    from targets.snapshot_core import lookup_origin, origin_write_is_plain
+    md = oenv.mgr.get("o")
+    assert md.live is not None and md.live.direct is not None
+    dev = md.live.direct.direct_remap(False, 0, 1)[0]
+    assert not origin_write_is_plain(dev, 0, 8)          # chunk 0 not copied yet
+    await oenv.fs.write(oenv.origin_fh, 0, bytes(S))     # copies chunk 0 out
+    assert origin_write_is_plain(dev, 0, 8)
+    assert not origin_write_is_plain(dev, 0, 16)         # chunk 1 is not copied
+    origin = lookup_origin(dev)
+    assert origin is not None
+    snap = origin.snapshots[0]
+    snap.pending[0] = object()                           # a copy of chunk 0 in progress
+    assert not origin_write_is_plain(dev, 0, 8)
+    del snap.pending[0]
+    snap.in_progress = snap.cow_threshold + 1            # writes are being throttled
+    assert not origin_write_is_plain(dev, 0, 8)
+    snap.in_progress = 0
+    assert origin_write_is_plain(dev, 0, 8)
