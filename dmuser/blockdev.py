@@ -290,11 +290,7 @@ class FileDevice(BlockDevice):
             else:
                 await self._submit(bio)
         except OSError as exc:
-            if bio.op is Op.READ and bio.data is not None:
-                bio.data[:] = bytes(len(bio.data))
-            log.warning("%s: %s of %d sectors at %d failed: %s",
-                        self.status_name, bio.op.name, bio.nr_sectors, bio.sector, exc)
-            raise DmIOError(f"{self.status_name}: {exc.strerror or exc}", exc.errno) from exc
+            raise self._failed(bio, exc) from exc
 
     def _failed(self, bio: Bio, exc: OSError) -> DmIOError:
         """Log a failed syscall, zero-fill a failed read, and return the DmIOError to raise."""

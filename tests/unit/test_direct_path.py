@@ -34,6 +34,12 @@ class Env(SimpleNamespace):
     md: MappedDevice
 
 
+async def open_device(fs: DeviceFS, name: bytes) -> int:
+    """A handle on the device file ``name``, as a FUSE open would give."""
+    inode = (await fs.lookup(pyfuse3.ROOT_INODE, name, None)).st_ino
+    return (await fs.open(inode, os.O_RDWR, None)).fh
+
+
 @pytest.fixture
 async def env(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[Env]:
     mgr = DeviceManager()
@@ -41,8 +47,7 @@ async def env(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[Env]:
     img = tmp_path / "a.img"
     h.make_file(img, 64, seed=5)
     md = await mgr.create("lin", "0 32 linear a.img 16", str(tmp_path))
-    inode = (await fs.lookup(pyfuse3.ROOT_INODE, b"lin", None)).st_ino
-    fh = (await fs.open(inode, os.O_RDWR, None)).fh
+    fh = await open_device(fs, b"lin")
     yield Env(mgr=mgr, fs=fs, img=img, fh=fh, md=md)
     await fs.release(fh)
     await h.remove_all_checked(mgr)
@@ -202,10 +207,7 @@ async def oenv(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[OriginEnv]:
     h.make_file(tmp_path / "cow.img", 64, seed=None)
     await mgr.create("snap", "0 64 snapshot base.img cow.img P 8", str(tmp_path))
     await mgr.create("o", "0 64 snapshot-origin base.img", str(tmp_path))
-    fhs = []
-    for name in (b"o", b"snap"):
-        inode = (await fs.lookup(pyfuse3.ROOT_INODE, name, None)).st_ino
-        fhs.append((await fs.open(inode, os.O_RDWR, None)).fh)
+    fhs = [await open_device(fs, b"o"), await open_device(fs, b"snap")]
     yield OriginEnv(mgr=mgr, fs=fs, base=base, origin_fh=fhs[0], snap_fh=fhs[1],
                     before=before)
     for fh in fhs:

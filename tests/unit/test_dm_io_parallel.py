@@ -147,16 +147,23 @@ async def test_cancelled_caller_still_waits_for_its_threads(files: list[Path]) -
         d.close()
 
 
+async def write_1m_to_two(files: list[Path]) -> list[str]:
+    """One 1 MiB dm-io write to the first two files; where each bio ran."""
+    journal: list[tuple[str, str]] = []
+    devs = [JournalFile(p, journal) for p in files[:2]]
+    try:
+        await dm_io(DmIoClient(), IoRequest(Op.WRITE, ReqFlag.NONE, BufferMem(bytes(MiB))),
+                    [Region(d, 0, 2048) for d in devs])
+    finally:
+        for d in devs:
+            d.close()
+    return [kind for _, kind in journal]
+
+
 async def test_off_by_default_means_inline(files: list[Path],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(POLICY, "parallel_min_bytes", 0)
-    journal: list[tuple[str, str]] = []
-    devs = [JournalFile(p, journal) for p in files[:2]]
-    await dm_io(DmIoClient(), IoRequest(Op.WRITE, ReqFlag.NONE, BufferMem(bytes(MiB))),
-                [Region(d, 0, 2048) for d in devs])
-    assert [kind for _, kind in journal] == ["inline", "inline"]
-    for d in devs:
-        d.close()
+    assert await write_1m_to_two(files) == ["inline", "inline"]
 
 
 async def test_no_free_thread_falls_back_to_inline(files: list[Path],
@@ -165,12 +172,6 @@ async def test_no_free_thread_falls_back_to_inline(files: list[Path],
     token = object()
     POLICY.limiter.acquire_on_behalf_of_nowait(token)  # the only thread is busy
     try:
-        journal: list[tuple[str, str]] = []
-        devs = [JournalFile(p, journal) for p in files[:2]]
-        await dm_io(DmIoClient(), IoRequest(Op.WRITE, ReqFlag.NONE, BufferMem(bytes(MiB))),
-                    [Region(d, 0, 2048) for d in devs])
-        assert [kind for _, kind in journal] == ["inline", "inline"]
-        for d in devs:
-            d.close()
+        assert await write_1m_to_two(files) == ["inline", "inline"]
     finally:
         POLICY.limiter.release_on_behalf_of(token)
