@@ -16,8 +16,9 @@ import subprocess
 import sys
 from typing import Any
 
-from . import client, paths
-from .errors import DmError
+from dmuser import client, paths
+from dmuser.core.config import Config
+from dmuser.core.errors import DmError
 
 TABLE_HELP = "table lines 'START LENGTH TARGET ARGS...', ';' or newline separated"
 
@@ -51,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log file in background mode (default: <socket>.log)")
     p.add_argument("--debug", action="store_true", help="log every control verb and error")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    tunables = p.add_argument_group(
+        "tunables", "each defaults to its environment variable, else the value shown")
+    for f in Config.fields():
+        kind = int if f.type in ("int", int) else float
+        tunables.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                              metavar=kind.__name__.upper(),
+                              help=f"{f.metadata['help']} (${Config.env_name(f.name)}; "
+                                   f"default {f.default})")
 
     p = sub.add_parser("create", help="create a device and load and activate its table")
     p.add_argument("name")
@@ -136,16 +145,22 @@ def _read_table(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import Daemon, StartupError
+    from dmuser.daemon import Daemon, StartupError
 
     mountpoint = args.mountpoint or paths.default_mountpoint()
     sock = args.socket or paths.default_socket()
+    try:
+        config = Config.build({f.name: getattr(args, f.name) for f in Config.fields()},
+                              os.environ)
+    except ValueError as exc:
+        print(f"dmuser: serve: {exc}", file=sys.stderr)
+        return 2
     if not args.foreground:
-        return _start_background(args, mountpoint, sock)
+        return _start_background(args, mountpoint, sock, config)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        Daemon(mountpoint, sock).run(args.ready_fd)
+        Daemon(mountpoint, sock, config).run(args.ready_fd)
     except StartupError as exc:
         print(f"dmuser: serve: {exc}", file=sys.stderr)
         if args.ready_fd is not None:
@@ -154,12 +169,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_background(args: argparse.Namespace, mountpoint: str, sock: str) -> int:
+def _start_background(args: argparse.Namespace, mountpoint: str, sock: str,
+                      config: Config) -> int:
     """Start ``serve --foreground`` detached; return once it reports ready (or failed)."""
     log_file = args.log_file or os.path.splitext(sock)[0] + ".log"
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "dmuser", "serve", "--foreground", "--mountpoint", mountpoint,
            "--socket", sock, "--ready-fd", str(write_fd)] + (["--debug"] if args.debug else [])
+    for f in Config.fields():  # the resolved configuration, whatever the child's environment
+        cmd += ["--" + f.name.replace("_", "-"), str(getattr(config, f.name))]
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     with open(log_file, "ab") as log_fh:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh,
@@ -187,7 +205,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _watch(args: argparse.Namespace, sock: str, where: str) -> int:
-    from .watch import watch
+    from dmuser.watch import watch
 
     def fetch() -> dict[str, Any]:
         reply = client.request(sock, _request(args))
@@ -206,7 +224,7 @@ def _watch(args: argparse.Namespace, sock: str, where: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cow"]:  # its own parser, so that 'dmuser cow --help' reaches it
-        from . import cow_tool
+        from dmuser import cow_tool
 
         return cow_tool.main(argv[1:])
     parser = build_parser()
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "demo":
-        from . import demo
+        from dmuser import demo
 
         return demo.main()
     sock = args.socket or paths.default_socket()

@@ -12,7 +12,7 @@ import json
 import socket
 from typing import Any
 
-from .errors import DmError
+from dmuser.core.errors import DmError
 
 
 class DaemonNotRunning(DmError):

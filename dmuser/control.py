@@ -11,21 +11,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .args import parse_uint
-from .errors import DmError, TableError
-from .manager import DeviceManager
-from .mapped_device import MappedDevice
-from .target import TARGETS, StatusType
+from dmuser.core.args import parse_uint
+from dmuser.core.errors import DmError, TableError
+from dmuser.core.manager import DeviceManager
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.target import StatusType
 
 
 @dataclass
 class Reply:
     output: str = ""
     data: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Verb = Callable[[DeviceManager, dict[str, Any]], Awaitable[Reply]]
@@ -164,7 +163,7 @@ async def message(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
 
 @verb("targets")
 async def targets(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    rows = [(name, cls.version) for name, cls in TARGETS.items()]
+    rows = [(name, cls.version) for name, cls in mgr.types.items()]
     return Reply(_lines([f"{n:<16} v{'.'.join(map(str, v))}" for n, v in rows]),
                  {n: list(v) for n, v in rows})
 

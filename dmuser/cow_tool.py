@@ -1,8 +1,8 @@
 """``dmuser cow inspect|check FILE``: read a persistent snapshot COW offline.
 
 Works on an image file or a block device that no snapshot is using (it only
-reads).  The format is the kernel's "SnAp" v1 layout, decoded with the helpers
-of ``targets/exstore/persistent.py``.
+reads).  The format is the kernel's "SnAp" v1 layout, decoded and walked by
+:mod:`dmuser.formats.cow`, the same walk the persistent store activates with.
 
 * ``inspect`` prints the header, chunk size, validity, metadata areas,
   exception count and the usage ``dmsetup status`` would show on activation.
@@ -23,14 +23,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-from targets.exstore.persistent import (
-    NUM_SNAPSHOT_HDR_CHUNKS,
+from dmuser.formats.cow import (
     SNAP_MAGIC,
     SNAPSHOT_DISK_VERSION,
-    area_location,
+    MetadataWalk,
+    chunk_size_problem,
     decode_header,
     exceptions_per_area,
-    iter_records,
 )
 
 SECTOR = 512
@@ -86,7 +85,7 @@ def analyse(path: str, check: bool) -> CowReport:
             rep.problems.append(rep.state)
             return rep
         cs = hdr.chunk_size
-        if cs <= 0 or cs & (cs - 1) or cs > ((1 << 31) - 1) >> 9:
+        if chunk_size_problem(cs):
             rep.state = f"bad chunk size {cs}"
             rep.problems.append(rep.state)
             return rep
@@ -104,56 +103,22 @@ def analyse(path: str, check: bool) -> CowReport:
 def _walk(f: BinaryIO, rep: CowReport) -> None:
     """Follow the areas as an activation does (even for an invalidated snapshot)."""
     cs = rep.chunk_size
-    per_area = rep.exceptions_per_area = exceptions_per_area(cs)
-    chunk_bytes = cs * SECTOR
-    next_free = NUM_SNAPSHOT_HDR_CHUNKS + 1
-    area, full = 0, True
-    seen_old: set[int] = set()
-    order = rep.order
-    while full:
-        loc = area_location(cs, area)
-        rep.area_chunks.append(loc)
-        buf = _read(f, loc * chunk_bytes, chunk_bytes)
-        if len(buf) < chunk_bytes:
-            rep.problems.append(f"metadata area {area} (chunk {loc}) lies beyond the end of "
-                                "the device: activation fails")
-            break
-        full = True
-        for i, (old, new) in enumerate(iter_records(buf)):
-            if new == 0:
-                full = False
-                break
-            if old in seen_old:
-                rep.problems.append(f"origin chunk {old} has two exceptions (area {area}, "
-                                    f"record {i})")
-            seen_old.add(old)
-            rep.mapping[old] = new
-            order.append(new)
-            next_free = max(next_free, new + 1)
-        area += 1
-    stride = per_area + 1
-    if next_free % stride == NUM_SNAPSHOT_HDR_CHUNKS:
-        next_free += 1
-    rep.exceptions = len(order)
-    rep.next_free = next_free
-    current_area = len(rep.area_chunks) - 1
-    rep.usage = f"{next_free * cs}/{rep.size_sectors} {(current_area + 2) * cs}"
+    rep.exceptions_per_area = exceptions_per_area(cs)
+    walk = MetadataWalk(cs, rep.size_sectors)
+    while (chunk := walk.next_area()) is not None:
+        walk.feed(_read(f, chunk * cs * SECTOR, cs * SECTOR))
+    rep.area_chunks = walk.area_chunks
+    rep.mapping = dict(walk.records)
+    rep.order = [new for _, new in walk.records]
+    rep.exceptions = len(walk.records)
+    rep.next_free = walk.next_free
+    allocated, total, metadata = walk.usage()
+    rep.usage = f"{allocated}/{total} {metadata}"
+    rep.problems.extend(walk.problems)
 
 
 def _check(rep: CowReport) -> None:
     order = rep.order
-    if not rep.exceptions_per_area:
-        return
-    cs, stride = rep.chunk_size, exceptions_per_area(rep.chunk_size) + 1
-    seen: set[int] = set()
-    for new in order:
-        if new in seen:
-            rep.problems.append(f"COW chunk {new} is used by two exceptions")
-        seen.add(new)
-        if (new + 1) * cs > rep.size_sectors:
-            rep.problems.append(f"COW chunk {new} lies beyond the end of the device")
-        if new % stride == NUM_SNAPSHOT_HDR_CHUNKS:
-            rep.problems.append(f"COW chunk {new} is a metadata area used as data")
     if any(b <= a for a, b in zip(order, order[1:], strict=False)):
         rep.warnings.append("COW chunks are not in allocation (increasing) order")
 

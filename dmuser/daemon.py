@@ -35,13 +35,19 @@ from typing import Any
 import pyfuse3
 import trio
 
-import targets  # noqa: F401  (registers the built-in targets)
-
-from . import client
-from .control import dispatch
-from .errors import DmError
-from .fuse_ops import DeviceFS
-from .manager import DeviceManager
+from dmuser import client
+from dmuser.control import dispatch
+from dmuser.core.config import Config
+from dmuser.core.errors import DmError
+from dmuser.core.manager import DeviceManager
+from dmuser.core.target import TargetRegistry
+from dmuser.fuse_ops import DeviceFS
+from dmuser.targets.error import ErrorTarget
+from dmuser.targets.flakey import FlakeyTarget
+from dmuser.targets.linear import LinearTarget
+from dmuser.targets.mirror import MirrorTarget
+from dmuser.targets.snapshot import SnapshotMergeTarget, SnapshotOriginTarget, SnapshotTarget
+from dmuser.targets.zero import ZeroTarget
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,13 @@ NAMESPACE_VERBS = frozenset({"create", "reload", "clear", "remove"})
 
 class StartupError(DmError):
     pass
+
+
+def builtin_targets() -> TargetRegistry:
+    """Every target type a dmuser daemon serves: the one list of them."""
+    return TargetRegistry(LinearTarget, ZeroTarget, ErrorTarget, FlakeyTarget,
+                          SnapshotOriginTarget, SnapshotTarget, SnapshotMergeTarget,
+                          MirrorTarget)
 
 
 def _set_io_flusher() -> None:
@@ -102,10 +115,11 @@ def prepare(mountpoint: str, sock_path: str) -> None:
 
 
 class Daemon:
-    def __init__(self, mountpoint: str, sock_path: str) -> None:
+    def __init__(self, mountpoint: str, sock_path: str, config: Config | None = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.sock_path = os.path.abspath(sock_path)
-        self.manager = DeviceManager(self.mountpoint)
+        self.config = config or Config()
+        self.manager = DeviceManager(self.mountpoint, types=builtin_targets(), config=self.config)
         self.fs = DeviceFS(self.manager)
         self._namespace_lock = trio.Lock()
         self._stopping = False
@@ -143,6 +157,7 @@ class Daemon:
             nursery.start_soon(self._signal_watcher)
             log.info("serving %s, control socket %s (pid %d)",
                      self.mountpoint, self.sock_path, os.getpid())
+            log.info("configuration: %s", ", ".join(self.config.describe()))
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)

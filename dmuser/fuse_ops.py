@@ -39,12 +39,12 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from .bio import Bio
-from .errors import DmError
-from .manager import DeviceManager
-from .mapped_device import MappedDevice
-from .rangelock import RangeLock
-from .units import SECTOR_SHIFT, SECTOR_SIZE
+from dmuser.core.bio import Bio
+from dmuser.core.errors import DmError
+from dmuser.core.manager import DeviceManager
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
+from dmuser.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,9 @@ class DeviceFS(pyfuse3.Operations):
         await self._open_node(fh).md.flush()
 
     @_translate
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+    # pyfuse3 takes any contiguous buffer (its stub says bytes): replies are not copied
+    async def read(  # type: ignore[override]
+            self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         md = self._open_node(fh).md
         end = min(off + size, md.nr_sectors << SECTOR_SHIFT)
         if off >= end:

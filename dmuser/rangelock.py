@@ -37,37 +37,37 @@ class RangeLock:
 
     def is_free(self, start: int, end: int) -> bool:
         """True if nobody holds a range overlapping ``[start, end)`` right now."""
-        for other in self._held:
-            if other.start < end and start < other.end:
-                return False
-        return True
+        return self.conflict(start, end) is None
+
+    def conflict(self, start: int, end: int) -> _Hold | None:
+        """A hold overlapping ``[start, end)``, or None."""
+        return next((h for h in self._held if h.start < end and start < h.end), None)
+
+    def add(self, hold: _Hold) -> None:
+        self._held.append(hold)
+
+    def remove(self, hold: _Hold) -> None:
+        self._held.remove(hold)
 
 
 class _Hold:
-    __slots__ = ("_lock", "start", "end", "_released")
+    __slots__ = ("lock", "start", "end", "released")
 
     def __init__(self, lock: RangeLock, start: int, end: int) -> None:
-        self._lock = lock
+        self.lock = lock
         self.start = start
         self.end = end
-        self._released: trio.Event | None = None  # made by the first waiter
-
-    def _conflict(self) -> _Hold | None:
-        start, end = self.start, self.end
-        for other in self._lock._held:
-            if other.start < end and start < other.end:
-                return other
-        return None
+        self.released: trio.Event | None = None  # made by the first waiter
 
     async def __aenter__(self) -> None:
-        while (busy := self._conflict()) is not None:
-            if busy._released is None:
-                busy._released = trio.Event()
-            await busy._released.wait()
-        self._lock._held.append(self)
+        while (busy := self.lock.conflict(self.start, self.end)) is not None:
+            if busy.released is None:
+                busy.released = trio.Event()
+            await busy.released.wait()
+        self.lock.add(self)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._lock._held.remove(self)
-        if self._released is not None:
-            self._released.set()
+        self.lock.remove(self)
+        if self.released is not None:
+            self.released.set()

@@ -1,27 +1,16 @@
-"""Built-in targets, one per module.  Importing this package registers them all.
+"""The built-in targets, imported as ``dmuser.targets``.
 
 | module | kernel target |
 |---|---|
-| linear.py | linear |
-| zero.py | zero |
-| error.py | error |
-| flakey.py | flakey |
-| mirror.py (+ mirror_set, mirror_legs, mirror_resync, region_hash, dirtylog/) | mirror |
-| snapshot_origin.py | snapshot-origin |
-| snapshot.py (+ snapshot_core, snapshot_handover, snapshot_service, exstore/) | snapshot |
-| snapshot_merge.py | snapshot-merge |
+| ``linear.py`` | linear |
+| ``zero.py`` | zero |
+| ``error.py`` | error |
+| ``flakey.py`` | flakey |
+| ``snapshot/`` | snapshot-origin, snapshot, snapshot-merge (``dm-snap.c``, exception stores) |
+| ``mirror/`` | mirror (``dm-raid1.c``, region hash, dirty logs) |
+
+Importing this package registers nothing: the daemon lists the target classes
+it serves explicitly (``dmuser.daemon.builtin_targets``).  Targets may import
+the core (``dmuser.core``), the copy services (``dmuser.services``) and the
+on-disk formats (``dmuser.formats``); nothing below them imports a target.
 """
-
-from . import (
-    error,
-    flakey,
-    linear,
-    mirror,
-    snapshot,
-    snapshot_merge,
-    snapshot_origin,
-    zero,
-)
-
-__all__ = ["error", "flakey", "linear", "mirror", "snapshot", "snapshot_merge",
-           "snapshot_origin", "zero"]

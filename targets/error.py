@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmuser.args import parse_sector
-from dmuser.bio import Bio
-from dmuser.errors import DmIOError
-from dmuser.target import TARGETS, DeviceRange, Target, TargetContext
+from dmuser.core.args import parse_sector
+from dmuser.core.bio import Bio
+from dmuser.core.errors import DmIOError
+from dmuser.core.target import DeviceRange, Target, TargetContext
 
 
-@TARGETS.register("error")
 class ErrorTarget(Target):
     name = "error"
     version = (1, 7, 0)

@@ -43,12 +43,12 @@ from collections.abc import Sequence
 
 import trio
 
-from dmuser.args import U32_MAX, ArgReader, parse_sector
-from dmuser.bio import Bio
-from dmuser.blockdev import BlockDevice
-from dmuser.errors import DmIOError, TargetArgError
-from dmuser.target import TARGETS, DeviceRange, StatusType, Target, TargetContext
-from dmuser.units import PAGE_SIZE, SECTOR_SHIFT
+from dmuser.core.args import U32_MAX, ArgReader, parse_sector
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.errors import DmIOError, TargetArgError
+from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext
+from dmuser.core.units import PAGE_SIZE, SECTOR_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,6 @@ class FlakeyFeatures:
         return out
 
 
-@TARGETS.register("flakey")
 class FlakeyTarget(Target):
     name = "flakey"
     version = (1, 5, 0)

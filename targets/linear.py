@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmuser.args import parse_sector
-from dmuser.bio import Bio
-from dmuser.blockdev import BlockDevice
-from dmuser.errors import TargetArgError
-from dmuser.target import TARGETS, DeviceRange, StatusType, Target, TargetContext
+from dmuser.core.args import parse_sector
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.errors import TargetArgError
+from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext
 
 
-@TARGETS.register("linear")
 class LinearTarget(Target):
     name = "linear"
     version = (1, 5, 0)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.errors import DmIOError, TargetArgError
-from dmuser.target import TARGETS, Target, TargetContext
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.errors import DmIOError, TargetArgError
+from dmuser.core.target import Target, TargetContext
 
 
-@TARGETS.register("zero")
 class ZeroTarget(Target):
     name = "zero"
     version = (1, 2, 0)

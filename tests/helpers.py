@@ -623,7 +623,8 @@ def make_image(path: str | os.PathLike[str], nbytes: int, seed: int | str | None
 
 
 def sha(path: str | os.PathLike[str], offset: int = 0, nbytes: int | None = None) -> str:
-    """sha256 (hex) of ``nbytes`` of a file from ``offset`` (default: to its end), read in 1 MiB blocks."""
+    """sha256 (hex) of ``nbytes`` of a file from ``offset`` (default: to its end),
+    read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)
@@ -670,10 +671,7 @@ def assert_bytes(actual: bytes, expected: bytes, what: str = "data") -> None:
     """Assert equality with a short message (first differing offset) instead of a huge diff."""
     if actual == expected:
         return
-    if len(actual) != len(expected):
-        n = min(len(actual), len(expected))
-    else:
-        n = len(actual)
+    n = min(len(actual), len(expected)) if len(actual) != len(expected) else len(actual)
     first = next((i for i in range(n) if actual[i] != expected[i]), n)
     raise AssertionError(f"{what}: mismatch at byte {first} (got {len(actual)} bytes, "
                          f"expected {len(expected)}): got {actual[first:first + 16].hex()} "

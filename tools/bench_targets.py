@@ -356,9 +356,9 @@ def time_kcopyd(leg0: str, leg1: str, size: int) -> float:
     bench.drop_cache(leg0)
     code = f"""
 import os, sys, time, trio
-from dmuser.blockdev import FileDevice
-from dmuser.dm_io import Region
-from dmuser.kcopyd import KcopydClient, KcopydFlag
+from dmuser.core.blockdev import FileDevice
+from dmuser.services.dm_io import Region
+from dmuser.services.kcopyd import KcopydClient, KcopydFlag
 async def main():
     a, b = FileDevice({leg0!r}), FileDevice({leg1!r})
     t0 = time.monotonic()

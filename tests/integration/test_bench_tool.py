@@ -10,7 +10,6 @@ not installed by the test command, so the qsd setup is left out here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

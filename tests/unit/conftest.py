@@ -5,112 +5,27 @@ Test-only helpers are exposed as fixtures (``probe_cls``, ``gate_device_cls``,
 DeviceManager whose devices are removed (and checked: nothing left held or
 open) at teardown.
 
-``unit-probe`` is a test-only target, registered once at import:
-
-    unit-probe <max_io_len> [<dev> <offset>] [failopen]
-
-It records every piece it receives in ``seen`` and every life-cycle call in
-``events``.  With a device it remaps like linear; without one it completes
-reads with a per-sector pattern and drops writes.  ``failopen`` makes
-``open()`` fail with a DmIOError, to test that a table undoes itself.
+``unit-probe`` is a test-only target (``support.targets.ProbeTarget``).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import pytest
 import trio
+from support.fakes import MemDevice
+from support.targets import TYPES, ProbeTarget, make_manager
 
-import targets  # noqa: F401  (registers linear, zero, error)
-from dmuser.args import parse_sector, parse_uint
-from dmuser.bio import Bio, Op
-from dmuser.blockdev import BlockDevice, MemDevice
-from dmuser.errors import DmIOError, TargetArgError
-from dmuser.manager import DeviceManager
-from dmuser.table import Table, parse_table
-from dmuser.target import TARGETS, DeviceRange, StatusType, Target, TargetContext
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.manager import DeviceManager
+from dmuser.core.table import Table, parse_table
 
 SECTOR = 512
-PROBE = "unit-probe"
-
-
-class ProbeTarget(Target):
-    name = PROBE
-    version = (0, 0, 1)
-    num_flush_bios = 1
-    num_discard_bios = 1
-    num_write_zeroes_bios = 1
-    instances: list[ProbeTarget] = []
-
-    def __init__(self, ti: TargetContext, args: Sequence[str]) -> None:
-        super().__init__(ti, args)
-        words = list(args)
-        self.fail_open = "failopen" in words
-        words = [w for w in words if w != "failopen"]
-        if not words:
-            raise TargetArgError("Missing max_io_len")
-        max_io_len = parse_uint(words[0])
-        if max_io_len is None:
-            raise TargetArgError("Invalid max_io_len")
-        ti.max_io_len = max_io_len
-        self.seen: list[tuple[Op, int, int]] = []
-        self.events: list[str] = []
-        self.closed = False
-        self.dev: BlockDevice | None = None
-        self.offset = 0
-        if len(words) == 3:
-            self.offset = parse_sector(words[2], "Invalid device sector")
-            self.dev = ti.get_device(words[1])
-        ProbeTarget.instances.append(self)
-
-    async def open(self) -> None:
-        self.events.append("open")
-        if self.fail_open:
-            raise DmIOError("probe: open failed")
-
-    async def close(self) -> None:
-        self.events.append("close")
-        self.closed = True
-
-    async def map(self, bio: Bio) -> BlockDevice | None:
-        self.seen.append((bio.op, bio.sector, bio.nr_sectors))
-        if self.dev is not None:
-            if bio.nr_sectors:
-                bio.sector = self.offset + bio.sector - self.ti.begin
-            return self.dev
-        if bio.op is Op.READ:
-            assert bio.data is not None
-            for i in range(bio.nr_sectors):
-                bio.data[i * SECTOR : (i + 1) * SECTOR] = bytes([(bio.sector + i) & 0xFF]) * SECTOR
-        return None
-
-    def status(self, kind: StatusType) -> str:
-        return f"{self.ti.max_io_len}" if kind is StatusType.TABLE else "probe-ok"
-
-    def iterate_devices(self) -> list[DeviceRange]:
-        return [DeviceRange(self.dev, self.offset, self.ti.len)] if self.dev else []
-
-    async def presuspend(self) -> None:
-        self.events.append("presuspend")
-
-    async def postsuspend(self) -> None:
-        self.events.append("postsuspend")
-
-    async def preresume(self) -> None:
-        self.events.append("preresume")
-
-    async def resume(self) -> None:
-        self.events.append("resume")
-
-
-if TARGETS.get(PROBE) is None:
-    TARGETS.register(PROBE)(ProbeTarget)
-else:  # pragma: no cover - conftest imported twice under another name
-    ProbeTarget = TARGETS.get(PROBE)  # type: ignore[assignment,misc]
 
 
 class GateDevice(MemDevice):
@@ -155,7 +70,7 @@ class DictResolver:
         return sum(self.refs.values())
 
     async def build(self, text: str, md_name: str = "t") -> Table:
-        return await Table.build(md_name, parse_table(text), self.get, self.release)
+        return await Table.build(md_name, parse_table(text), self.get, self.release, types=TYPES)
 
 
 def make_file(path: os.PathLike[str] | str, nr_sectors: int, seed: int | None = 0) -> bytes:
@@ -213,7 +128,7 @@ def pattern(nr_sectors: int, seed: int) -> bytes:
 async def mgr() -> AsyncIterator[DeviceManager]:
     """A DeviceManager; at teardown every device is removed, users first, and nothing
     may be left held or open (:func:`remove_all_checked`)."""
-    manager = DeviceManager()
+    manager = make_manager()
     yield manager
     await remove_all_checked(manager)
 

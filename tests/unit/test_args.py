@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from dmuser.args import U32_MAX, ArgReader, parse_sector, parse_uint
-from dmuser.errors import TargetArgError
+from dmuser.core.args import U32_MAX, ArgReader, parse_sector, parse_uint
+from dmuser.core.errors import TargetArgError
 
 U64_MAX = (1 << 64) - 1
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from dmuser import blockdev
-from dmuser.bio import Bio, ReqFlag
-from dmuser.blockdev import FileDevice
+from dmuser.core import blockdev
+from dmuser.core.bio import Bio, ReqFlag
+from dmuser.core.blockdev import FileDevice
 
 S = 512
 

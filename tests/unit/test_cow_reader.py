@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 import trio
+from support.targets import make_manager
 
-import targets  # noqa: F401  (registers the targets)
-from dmuser.bio import Bio
 from dmuser.control import dispatch
-from dmuser.manager import DeviceManager
+from dmuser.core.bio import Bio
+from dmuser.core.manager import DeviceManager
 
 SECTOR = 512
 
@@ -130,7 +130,7 @@ async def test_dmuser_cow_matches_independent_reader(tmp_path: Path, cs: int, nc
     snap_view = bytearray(base)      # the snapshot's content: base + its own writes
     snap_written: set[int] = set()   # chunks the snapshot itself wrote to
 
-    mgr = DeviceManager()
+    mgr = make_manager()
     cwd = str(tmp_path)
     try:
         await run(mgr, "create", name="origin", cwd=cwd,
@@ -198,7 +198,7 @@ async def test_dmuser_cow_matches_independent_reader(tmp_path: Path, cs: int, nc
                     nursery.start_soon(issue, *op)
 
         target = snap_md.live.targets[0]  # type: ignore[union-attr]
-        in_memory = dict(target.complete.items())
+        in_memory = dict(target.snap.complete.items())
         status = (await run(mgr, "status", name="snap"))["snap"][0].split()
         buf = bytearray(nr * SECTOR)
         await snap_md.submit(Bio.read(0, buf))

@@ -18,10 +18,11 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
+from support.targets import make_manager
 
+from dmuser.core.manager import DeviceManager
+from dmuser.core.mapped_device import MappedDevice
 from dmuser.fuse_ops import DeviceFS
-from dmuser.manager import DeviceManager
-from dmuser.mapped_device import MappedDevice
 
 S = 512
 
@@ -42,7 +43,7 @@ async def open_device(fs: DeviceFS, name: bytes) -> int:
 
 @pytest.fixture
 async def env(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[Env]:
-    mgr = DeviceManager()
+    mgr = make_manager()
     fs = DeviceFS(mgr)
     img = tmp_path / "a.img"
     h.make_file(img, 64, seed=5)
@@ -69,7 +70,7 @@ def no_full_path(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 async def test_table_direct_only_for_one_linear_target_on_a_file(tmp_path: Path,
                                                                  h: SimpleNamespace) -> None:
-    mgr = DeviceManager()
+    mgr = make_manager()
     h.make_file(tmp_path / "a.img", 64)
     cwd = str(tmp_path)
     lin = await mgr.create("lin", "0 32 linear a.img 16", cwd)
@@ -200,7 +201,7 @@ class OriginEnv(SimpleNamespace):
 
 @pytest.fixture
 async def oenv(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[OriginEnv]:
-    mgr = DeviceManager()
+    mgr = make_manager()
     fs = DeviceFS(mgr)
     base = tmp_path / "base.img"
     before = h.make_file(base, 64, seed=9)
@@ -230,7 +231,7 @@ async def test_origin_first_write_copies_out_then_rewrites_go_direct(
 
 async def test_origin_write_is_plain_only_without_pending_throttle_or_copy(
         oenv: OriginEnv) -> None:
-    from targets.snapshot_core import lookup_origin, origin_write_is_plain
+    from dmuser.targets.snapshot.registry import lookup_origin, origin_write_is_plain
     md = oenv.mgr.get("o")
     assert md.live is not None and md.live.direct is not None
     dev = md.live.direct.direct_remap(False, 0, 1)[0]

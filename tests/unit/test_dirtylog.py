@@ -5,14 +5,14 @@ from __future__ import annotations
 import struct
 
 import pytest
+from support.fakes import MemDevice
 
-from dmuser.bio import Bio, ReqFlag
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError
-from dmuser.target import StatusType, TargetContext
-from targets.dirtylog import DirtyLog, DirtyLogError, create_dirty_log
-from targets.dirtylog.core import CoreLog
-from targets.dirtylog.disk import MIRROR_MAGIC, DiskLog
+from dmuser.core.bio import Bio, ReqFlag
+from dmuser.core.errors import DmIOError
+from dmuser.core.target import StatusType, TargetContext
+from dmuser.targets.mirror.log import DirtyLog, DirtyLogError, create_dirty_log
+from dmuser.targets.mirror.log.core import CoreLog
+from dmuser.targets.mirror.log.disk import MIRROR_MAGIC, DiskLog
 
 S = 512
 

@@ -8,10 +8,13 @@ from typing import Any
 
 import pytest
 import trio
+from support.fakes import MemDevice
 
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import BlockDevice, FileDevice, MemDevice
-from dmuser.dm_io import (
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.blockdev import BlockDevice, FileDevice
+from dmuser.core.errors import DmIOError
+from dmuser.core.units import PAGE_SIZE, SECTOR_SIZE
+from dmuser.services.dm_io import (
     BufferMem,
     DmIoClient,
     DmIoMem,
@@ -24,8 +27,6 @@ from dmuser.dm_io import (
     dm_io,
     dm_io_sync,
 )
-from dmuser.errors import DmIOError
-from dmuser.units import PAGE_SIZE, SECTOR_SIZE
 
 W, R = Op.WRITE, Op.READ
 NONE = ReqFlag.NONE

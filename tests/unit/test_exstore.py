@@ -10,13 +10,13 @@ import struct
 from pathlib import Path
 
 import pytest
+from support.fakes import MemDevice
 
 from dmuser import cow_tool
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError
-from targets.exstore import CowFullError, StoreArgError, StoreError, create_store
-from targets.exstore.persistent import PersistentStore
-from targets.exstore.transient import TransientStore
+from dmuser.core.errors import DmIOError
+from dmuser.targets.snapshot.store import CowFullError, StoreArgError, StoreError, create_store
+from dmuser.targets.snapshot.store.persistent import PersistentStore
+from dmuser.targets.snapshot.store.transient import TransientStore
 
 # -- independent decoder (from the spec) ---------------------------------------------------
 
@@ -333,10 +333,14 @@ async def test_cow_tool_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("records,problem", [
-    ([(1, 2), (1, 3)], "origin chunk 1 has two exceptions"),
-    ([(1, 2), (2, 2)], "COW chunk 2 is used by two exceptions"),
-    ([(1, 2), (2, 258)], "COW chunk 258 is a metadata area used as data"),
-    ([(1, 9999)], "COW chunk 9999 lies beyond the end of the device"),
+    ([(1, 2), (1, 3)], "metadata area 0 record 1: origin chunk 1 already has an exception "
+                       "(metadata area 0 record 0)"),
+    ([(1, 2), (2, 2)], "metadata area 0 record 1: COW chunk 2 is already used by metadata "
+                       "area 0 record 0"),
+    ([(1, 2), (2, 258)], "metadata area 0 record 1: COW chunk 258 is a metadata area, "
+                         "not a data chunk"),
+    ([(1, 9999)], "metadata area 0 record 0: COW chunk 9999 lies beyond the end of the "
+                  "device (512 chunks)"),
 ])
 async def test_cow_tool_check_finds_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            records: list[tuple[int, int]], problem: str) -> None:

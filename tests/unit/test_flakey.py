@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+from support.fakes import MemDevice
 
-import targets.flakey  # noqa: F401  (registers flakey)
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError, TableError
-from dmuser.table import Table
-from dmuser.target import StatusType
-from targets.flakey import MAX_CORRUPT_SECTORS, FlakeyTarget
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.errors import DmIOError, TableError
+from dmuser.core.table import Table
+from dmuser.core.target import StatusType
+from dmuser.targets.flakey import MAX_CORRUPT_SECTORS, FlakeyTarget
 
 S = 512
 STATUSES = Path("/work/shared/vectors/statuses/statuses.json")

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+from support.targets import make_manager
 
-from dmuser.errors import DeviceBusyError
+from dmuser.core.errors import DeviceBusyError
+from dmuser.core.manager import DeviceManager
 from dmuser.fuse_ops import DeviceFS
-from dmuser.manager import DeviceManager
 
 S = 512
 ROOT = pyfuse3.ROOT_INODE
@@ -52,7 +53,7 @@ class Env(SimpleNamespace):
 
 @pytest.fixture
 async def env(tmp_path: Path, h: SimpleNamespace) -> AsyncIterator[Env]:
-    mgr = DeviceManager()
+    mgr = make_manager()
     fs = DeviceFS(mgr)
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     a0, b0 = h.make_file(a, 16, seed=21), h.make_file(b, 16, seed=22)

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import trio
+from support.fakes import MemDevice
 
-from dmuser.bio import Bio, Op
-from dmuser.blockdev import BlockDevice, FileDevice, MemDevice
-from dmuser.dm_io import Region
-from dmuser.kcopyd import CopyResult, KcopydClient, KcopydFlag, KcopydThrottle
+from dmuser.core.bio import Bio, Op
+from dmuser.core.blockdev import BlockDevice, FileDevice
+from dmuser.services.dm_io import Region
+from dmuser.services.kcopyd import CopyResult, KcopydClient, KcopydFlag, KcopydThrottle
 
 MiB_SECTORS = 2048
 BIG = 5 * MiB_SECTORS  # 5 MiB: ten 512 KiB slices
@@ -145,7 +146,8 @@ async def test_small_inline_copies_run_in_the_worker(tmp_path: Path) -> None:
                 if i % 3 == 0:
                     await trio.sleep(0)
             # one at a time, from the worker (the idle-worker case is the first one)
-            assert await kc.copy_wait(Region(a, 0, 128), [Region(b, 0, 128)]) == CopyResult(False, 0)
+            result = await kc.copy_wait(Region(a, 0, 128), [Region(b, 0, 128)])
+            assert result == CopyResult(False, 0)
             assert kc._cached_pages + kc.statistics().pages_in_use <= 64
         assert kc.statistics().pages_in_use == 0 and kc.statistics().jobs_done == 65
     finally:

@@ -9,16 +9,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support.targets import make_manager
 
 from dmuser.control import Reply, dispatch
-from dmuser.errors import (
+from dmuser.core.errors import (
     DeviceBusyError,
     DeviceExistsError,
     DmError,
     NoSuchDeviceError,
     TableError,
 )
-from dmuser.manager import MAX_NAME_LEN, DeviceManager
+from dmuser.core.manager import MAX_NAME_LEN, DeviceManager
 
 S = 512
 
@@ -284,7 +285,7 @@ async def test_stack_by_name(mgr: DeviceManager, tmp_path: Path, img: Path,
 
 async def test_stack_by_mount_path(tmp_path: Path, img: Path, h: SimpleNamespace) -> None:
     mnt = tmp_path / "mnt"
-    mgr = DeviceManager(str(mnt))
+    mgr = make_manager(str(mnt))
     try:
         reply = await run(mgr, "create", name="lower", table="0 32 linear a.img 0",
                           cwd=str(tmp_path))

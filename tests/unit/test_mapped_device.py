@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import trio
+from support.fakes import MemDevice
 from trio.testing import wait_all_tasks_blocked
 
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DeviceBusyError, DmError, DmIOError
-from dmuser.mapped_device import MappedDevice
-from dmuser.target import StatusType
+from dmuser.core.errors import DeviceBusyError, DmError, DmIOError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.target import StatusType
 
 S = 512
 

@@ -11,18 +11,18 @@ from types import SimpleNamespace
 import pytest
 import trio
 import trio.testing
+from support.fakes import MemDevice
+from support.targets import TYPES
 
-import targets.mirror  # noqa: F401  (registers mirror)
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError, NotSupportedError, TableError
-from dmuser.kcopyd import KcopydThrottle
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import Table, TargetServices, parse_table
-from dmuser.target import StatusType
-from targets import mirror_set
-from targets.dirtylog.disk import DiskLog
-from targets.mirror import MirrorTarget
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.config import Config
+from dmuser.core.errors import DmIOError, NotSupportedError, TableError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, TargetServices, parse_table
+from dmuser.core.target import StatusType
+from dmuser.services.kcopyd import KcopydThrottle
+from dmuser.targets.mirror.log.disk import DiskLog
+from dmuser.targets.mirror.target import MirrorTarget
 
 S = 512
 STATUSES = Path("/work/shared/vectors/statuses/statuses.json")
@@ -61,7 +61,10 @@ class Dev(MemDevice):
 class Rig:
     """Devices named by their status names, and a mapped device on top."""
 
-    def __init__(self, h: SimpleNamespace, nursery: trio.Nursery | None, **sizes: int) -> None:
+    def __init__(self, h: SimpleNamespace, nursery: trio.Nursery | None,
+                 config: Config | None = None, **sizes: int) -> None:
+        self.config = config or Config()
+        self.shared: dict[str, object] = {}  # TargetContext.shared of every table built here
         self.journal: list[tuple[str, str, int, int]] = []
         self.devs = {name: Dev(n, name, self.journal, seed=None) for name, n in sizes.items()}
         self.resolver = h.DictResolver(self.devs)
@@ -70,7 +73,9 @@ class Rig:
 
     async def build(self, text: str) -> Table:
         return await Table.build("t", parse_table(text), self.resolver.get, self.resolver.release,
-                                 TargetServices(nursery=self.nursery))
+                                 TargetServices(nursery=self.nursery, config=self.config,
+                                                shared=self.shared),
+                                 types=TYPES)
 
     def seed(self, name: str, seed: int) -> None:
         self.devs[name].buf[:] = random.Random(seed).randbytes(len(self.devs[name].buf))
@@ -110,10 +115,8 @@ async def svc(nursery: trio.Nursery) -> trio.Nursery:
     return nursery
 
 
-@pytest.fixture
-def kernel_clean(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel's cleaning: a region is cleared in the log at the next daemon pass."""
-    monkeypatch.setattr(mirror_set, "CLEAN_DELAY", 0.0)
+#: The kernel's cleaning: a region is cleared in the log at the next daemon pass.
+KERNEL_CLEAN = Config(mirror_clean_delay=0.0)
 
 
 async def settle() -> None:
@@ -265,16 +268,16 @@ async def test_no_resync_before_resume(h: SimpleNamespace, svc: trio.Nursery) ->
 
 async def test_throttled_resync_still_completes(h: SimpleNamespace, svc: trio.Nursery,
                                                 autojump_clock: trio.abc.Clock,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    throttle = KcopydThrottle(20)
-    monkeypatch.setattr(mirror_set, "RESYNC_THROTTLE", throttle)
-    rig = Rig(h, svc, a=256, b=256)
+) -> None:
+    rig = Rig(h, svc, Config(resync_throttle=20), a=256, b=256)
     rig.seed("a", 2)
     for dev in rig.devs.values():
         dev.delay = 0.05
     await rig.start("0 256 mirror core 1 16 2 a 0 b 0", settle=False)
     while rig.target.dirty_log.get_sync_count() < 16:
         await trio.sleep(0.1)
+    throttle = rig.shared["mirror.resync_throttle"]
+    assert isinstance(throttle, KcopydThrottle) and throttle.percent == 20
     assert throttle.sleeps > 0
     assert rig.leg("a") == rig.leg("b")
     await rig.close()
@@ -330,9 +333,8 @@ async def test_failed_discard_is_notsupp_and_does_not_degrade(h: SimpleNamespace
 
 
 async def test_disk_log_marks_dirty_before_data_and_clean_after(h: SimpleNamespace,
-                                                                svc: trio.Nursery,
-                                                                kernel_clean: None) -> None:
-    rig = Rig(h, svc, a=64, b=64, log=8)
+                                                                svc: trio.Nursery) -> None:
+    rig = Rig(h, svc, KERNEL_CLEAN, a=64, b=64, log=8)
     await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
     log = rig.devs["log"]
     assert log.buf[1024] == 0x0F
@@ -418,7 +420,7 @@ async def test_handle_errors_moves_default_and_holds_writes(h: SimpleNamespace,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
         await settle()
-        assert result == [] and len(target.ms.holds) == 1  # held for userspace
+        assert result == [] and len(target.ms.writer.holds) == 1  # held for userspace
         assert target.ms.legs.default.index == 1
         assert rig.status() == "3 a b c 3/4 1 DAA 1 core"
         assert target.event_count == events + 1 and hooked == [1]
@@ -443,7 +445,7 @@ async def test_keep_log_completes_failed_writes(h: SimpleNamespace, svc: trio.Nu
     rig.journal.clear()
     await rig.md.write(1, b"\x02" * S)  # NOSYNC region: the default leg only
     assert [(n, k) for n, k, *_ in rig.journal] == [("a", "write")]
-    assert target.ms.holds == []
+    assert target.ms.writer.holds == []
     await rig.close()
 
 
@@ -472,11 +474,11 @@ async def test_log_failure_with_handle_errors_holds_writes(h: SimpleNamespace,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.md.write, 0, b"\x01" * S)
         await settle()
-        assert target.ms.log_failure and len(target.ms.holds) == 1
+        assert target.ms.writer.log_failure and len(target.ms.writer.holds) == 1
         assert rig.status() == "2 a b 4/4 1 AA 3 disk log D"
         nursery.cancel_scope.cancel()
     await rig.md.suspend()
-    assert target.ms.holds == []
+    assert target.ms.writer.holds == []
     await rig.close()
 
 
@@ -612,9 +614,8 @@ async def test_crash_with_write_in_flight_resyncs_the_region(h: SimpleNamespace,
     await after.close()
 
 
-async def test_leg_flush_failure_dirties_the_log(h: SimpleNamespace, svc: trio.Nursery,
-                                                 kernel_clean: None) -> None:
-    rig = Rig(h, svc, a=64, b=64, log=8)
+async def test_leg_flush_failure_dirties_the_log(h: SimpleNamespace, svc: trio.Nursery) -> None:
+    rig = Rig(h, svc, KERNEL_CLEAN, a=64, b=64, log=8)
     target = await rig.start("0 64 mirror disk 2 log 16 2 a 0 b 0")
     rig.devs["b"].fail_flush = True
     await rig.md.write(0, b"\x01" * S)  # the write itself succeeds on both legs

@@ -12,6 +12,7 @@ The kernel's guarantees must survive both dmuser shortcuts:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -19,16 +20,16 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from support.targets import TYPES
 
-import targets.mirror  # noqa: F401  (registers mirror)
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import POLICY, FileDevice
-from dmuser.errors import DmIOError
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import Table, TargetServices, parse_table
-from dmuser.target import StatusType
-from targets import mirror_set
-from targets.mirror import MirrorTarget
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.blockdev import FileDevice
+from dmuser.core.config import Config
+from dmuser.core.errors import DmIOError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, TargetServices, parse_table
+from dmuser.core.target import StatusType
+from dmuser.targets.mirror.target import MirrorTarget
 
 S = 512
 MiB = 1 << 20
@@ -84,11 +85,13 @@ class FileRig:
         self.devs = {n: Journaled(p, n, self.journal) for n, p in self.paths.items()}
         self.nursery = nursery
         self.md = MappedDevice("m")
+        self.config = Config()
 
     async def start(self, args: str) -> MirrorTarget:
         table = await Table.build("m", parse_table(f"0 {LEN} mirror {args}"),
                                   lambda w: self.devs[w], lambda d: None,
-                                  TargetServices(nursery=self.nursery))
+                                  TargetServices(nursery=self.nursery, config=self.config),
+                                  types=TYPES)
         await self.md.load(table)
         await self.md.resume()
         assert self.md.live is not None
@@ -110,9 +113,7 @@ class FileRig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> FileRig:
-    # legs in worker threads (off by default): the guarantees must hold there too
-    monkeypatch.setattr(POLICY, "parallel_min_bytes", 256 << 10)
+def rig(tmp_path: Path, nursery: trio.Nursery) -> FileRig:
     return FileRig(tmp_path, nursery)
 
 
@@ -121,7 +122,7 @@ def before_first_leg_write(entries: list[tuple[str, str]]) -> list[tuple[str, st
     return entries[:first]
 
 
-async def test_mark_is_durable_before_threaded_leg_writes(rig: FileRig) -> None:
+async def test_mark_is_durable_before_leg_writes(rig: FileRig) -> None:
     await rig.start("disk 3 log 2048 nosync 2 a 0 b 0")
     assert rig.log_bits() == 0x0F
     rig.journal.clear()
@@ -130,7 +131,6 @@ async def test_mark_is_durable_before_threaded_leg_writes(rig: FileRig) -> None:
     assert before_first_leg_write(rig.entries()) == [("log", "write"), ("log", "flush")]
     legs = [(n, where) for n, k, where in rig.journal if n in "ab" and k == "write"]
     assert sorted(n for n, _ in legs) == ["a", "b"]
-    assert "thread" in {where for _, where in legs}  # one leg in a worker thread
     assert rig.log_bits() == 0x0D  # region 1 dirty on the log device
     for name in "ab":
         assert rig.paths[name].read_bytes()[REGION * S : REGION * S + MiB] == data
@@ -145,15 +145,14 @@ async def test_write_to_a_marked_region_skips_daemon_and_log(rig: FileRig) -> No
     async def daemon_write(io: object) -> None:
         raise AssertionError("a write to a marked region went through the daemon")
 
-    target.ms._do_write = daemon_write  # type: ignore[method-assign]
+    target.ms.writer._do_write = daemon_write  # type: ignore[method-assign]
     await rig.md.write(0, os.urandom(MiB))  # region 0 still marked: direct
     assert sorted(rig.entries()) == [("a", "write"), ("b", "write")]  # no log I/O
     await rig.close()
 
 
-async def test_clean_mark_waits_for_leg_flushes_and_the_delay(
-        rig: FileRig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mirror_set, "CLEAN_DELAY", 0.2)
+async def test_clean_mark_waits_for_leg_flushes_and_the_delay(rig: FileRig) -> None:
+    rig.config = Config(mirror_clean_delay=0.2)
     await rig.start("disk 3 log 2048 nosync 2 a 0 b 0")
     await rig.md.write(0, os.urandom(MiB))
     rig.journal.clear()
@@ -184,7 +183,7 @@ async def test_suspend_cleans_at_once(rig: FileRig) -> None:
 
 
 @pytest.mark.parametrize("features", ["", "1 handle_errors"])
-async def test_threaded_leg_failure_fails_only_that_leg(rig: FileRig, features: str) -> None:
+async def test_leg_failure_fails_only_that_leg(rig: FileRig, features: str) -> None:
     target = await rig.start(f"disk 3 log 2048 nosync 2 a 0 b 0 {features}")
     await rig.md.write(0, os.urandom(MiB))  # region 0 marked: the next write is direct
     rig.devs["b"].fail_write = True
@@ -201,7 +200,7 @@ async def test_threaded_leg_failure_fails_only_that_leg(rig: FileRig, features: 
         async with trio.open_nursery() as nursery:  # held until suspend, then EIO
             nursery.start_soon(writer)
             with trio.fail_after(5):
-                while not target.ms.holds:
+                while not target.ms.writer.holds:
                     await trio.sleep(0.005)
             assert target.status(StatusType.INFO).split()[5] == "AD"
             rig.devs["b"].fail_write = False
@@ -228,10 +227,8 @@ async def test_cancelled_direct_write_reaches_every_leg(rig: FileRig) -> None:
     data = os.urandom(MiB)
     with trio.CancelScope() as scope:
         scope.cancel()
-        try:
+        with contextlib.suppress(trio.Cancelled):  # depends on where it was noticed
             await rig.md.write(0, data)
-        except trio.Cancelled:  # pragma: no cover - depends on where it was noticed
-            pass
     a, b = (rig.paths[n].read_bytes()[:MiB] for n in "ab")
     assert a == b
     await rig.close()

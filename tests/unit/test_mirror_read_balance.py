@@ -13,15 +13,15 @@ from types import SimpleNamespace
 import pytest
 import trio
 import trio.testing
+from support.fakes import MemDevice
+from support.targets import TYPES
 
-import targets.mirror  # noqa: F401  (registers mirror)
-from dmuser.bio import Bio
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError, TargetArgError
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import Table, TargetServices, parse_table
-from dmuser.target import StatusType
-from targets.mirror import MirrorTarget
+from dmuser.core.bio import Bio
+from dmuser.core.errors import DmIOError, TargetArgError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, TargetServices, parse_table
+from dmuser.core.target import StatusType
+from dmuser.targets.mirror.target import MirrorTarget
 
 S = 512
 
@@ -61,7 +61,8 @@ class Rig:
 
     async def start(self, table: str) -> MirrorTarget:
         table_ = await Table.build("t", parse_table(table), self.resolver.get,
-                                   self.resolver.release, TargetServices(nursery=self.nursery))
+                                   self.resolver.release, TargetServices(nursery=self.nursery),
+                types=TYPES)
         await self.md.load(table_)
         await self.md.resume()
         await trio.testing.wait_all_tasks_blocked()

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 import trio
+from support.targets import make_manager
 
-import targets  # noqa: F401
 from dmuser.control import dispatch
-from dmuser.manager import DeviceManager
-from targets import mirror_set
+from dmuser.core.config import Config
+from dmuser.core.manager import DeviceManager
 
 VECTOR = Path("/work/shared/vectors/mirror-disklog")
 S = 512
@@ -72,11 +72,9 @@ def manifest() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def mgr(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-              ) -> AsyncIterator[DeviceManager]:
+async def mgr(nursery: trio.Nursery) -> AsyncIterator[DeviceManager]:
     # The kernel clears a region in the log at the next daemon pass (dmuser delays it).
-    monkeypatch.setattr(mirror_set, "CLEAN_DELAY", 0.0)
-    manager = DeviceManager()
+    manager = make_manager(config=Config(mirror_clean_delay=0.0))
     manager.service_nursery = nursery
     yield manager
     await manager.remove_all()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from support.targets import make_manager
 
-import targets  # noqa: F401
 from dmuser.control import dispatch
-from dmuser.errors import DmIOError
-from dmuser.manager import DeviceManager
+from dmuser.core.errors import DmIOError
+from dmuser.core.manager import DeviceManager
 
 SECTORS = 2048
 
@@ -38,7 +38,7 @@ async def test_held_mirror_write_is_requeued_by_a_noflush_suspend(
         tmp_path: Path, noflush: bool) -> None:
     for leg in ("leg0.img", "leg1.img"):
         (tmp_path / leg).write_bytes(bytes(SECTORS * 512))
-    mgr = DeviceManager(str(tmp_path / "mnt"))
+    mgr = make_manager(str(tmp_path / "mnt"))
     cwd = str(tmp_path)
     data = os.urandom(4096)
     outcome: list[object] = []

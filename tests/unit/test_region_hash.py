@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.target import TargetContext
-from targets.dirtylog.core import CoreLog
-from targets.region_hash import RegionHash, RegionState
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.target import TargetContext
+from dmuser.targets.mirror.log.core import CoreLog
+from dmuser.targets.mirror.region_hash import RegionHash, RegionState
 
 RS = 8  # region size in sectors
 BEGIN = 100
@@ -84,12 +84,6 @@ async def test_write_cycle_clean_dirty_clean() -> None:
     await h.rh.update_states(True)
     assert h.log.calls == ["mark 3", "clear 3", "flush"]  # ... followed by the log flush
     assert h.log.is_clean(3) and h.rh.regions == {}
-
-
-def test_inc_pending_skips_flushes_and_discards() -> None:
-    h = Harness(8, "nosync")
-    h.rh.inc_pending([wbio(1), Bio.flush(), Bio(Op.DISCARD, BEGIN + 2 * RS, RS), wbio(1)])
-    assert h.rh.regions[1].pending == 2 and set(h.rh.regions) == {1}
 
 
 async def test_nosync_region_stays_nosync_after_writes() -> None:

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from support.targets import make_manager
 
-import targets  # noqa: F401
 from dmuser.control import dispatch
-from dmuser.manager import DeviceManager
+from dmuser.core.manager import DeviceManager
 
 
 async def _stack(tmp_path: Path) -> DeviceManager:
     img = tmp_path / "a.img"
     img.write_bytes(bytes(1 << 20))
-    mgr = DeviceManager(str(tmp_path / "mnt"))
+    mgr = make_manager(str(tmp_path / "mnt"))
     # name order (a-bottom, b-mid, z-top) is the reverse of stack order.
     await dispatch(mgr, {"verb": "create", "name": "a-bottom", "cwd": str(tmp_path),
                          "table": "0 2048 linear a.img 0"})

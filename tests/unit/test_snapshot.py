@@ -14,15 +14,17 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
+from support.fakes import MemDevice
+from support.targets import TYPES
 
-import targets  # noqa: F401
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import BlockDevice, MemDevice
-from dmuser.errors import DmError, DmIOError, TableError
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import Table, parse_table
-from dmuser.target import StatusType
-from targets.snapshot_core import ORIGINS
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.config import Config
+from dmuser.core.errors import DmError, DmIOError, TableError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, TargetServices, parse_table
+from dmuser.core.target import StatusType
+from dmuser.targets.snapshot.registry import ORIGINS
 
 SIZE = 2048  # origin sectors
 
@@ -58,6 +60,7 @@ class Env:
         self.log: list[tuple[str, str, int, int, int]] = []
         self.devs: dict[str, BlockDevice] = {}
         self.mds: dict[str, MappedDevice] = {}
+        self.config = Config()
 
     def mem(self, name: str, nr_sectors: int, fill: int = 0) -> RecDevice:
         dev = RecDevice(nr_sectors, name, self.log)
@@ -71,7 +74,8 @@ class Env:
         return self.mds.get(word) or self.devs[word]
 
     async def table(self, name: str, text: str) -> Table:
-        return await Table.build(name, parse_table(text), self.get_device, lambda d: None)
+        return await Table.build(name, parse_table(text), self.get_device, lambda d: None,
+                                 TargetServices(config=self.config), types=TYPES)
 
     async def create(self, name: str, text: str) -> MappedDevice:
         md = MappedDevice(name)
@@ -289,13 +293,11 @@ async def test_several_snapshots_per_origin(env: Env) -> None:
     assert env.status("s2") == "64/1024 0"                   # chunks 0 and 1 of 32
 
 
-async def test_throttle(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from targets.snapshot import SnapshotTarget
-
-    monkeypatch.setattr(SnapshotTarget, "cow_threshold", 1)
+async def test_throttle(env: Env) -> None:
+    env.config = Config(snapshot_cow_threshold=1)
     origin, snap = await origin_env(env)
     before = bytes(await snap.read(0, SIZE))
-    target = snap.live.targets[0]  # type: ignore[union-attr]
+    target = snap.live.targets[0].snap  # type: ignore[union-attr,attr-defined]
     peak = 0
 
     async def watch() -> None:
@@ -573,7 +575,8 @@ async def test_crash_images_never_lose_snapshot_data(env: Env, seed: int) -> Non
         devs = {"o": o, "c": c}
         md = MappedDevice(f"crash{i}")
         await md.load(await Table.build(md.name, parse_table(f"0 {SIZE} snapshot o c P 8"),
-                                        devs.__getitem__, lambda d: None))
+                                        devs.__getitem__, lambda d: None,
+                types=TYPES))
         await md.resume()
         try:
             assert bytes(await md.read(0, SIZE)) == view, f"crash image {i}"
@@ -643,7 +646,7 @@ async def test_origin_write_over_copied_chunks_waits_for_tracked_read(env: Env) 
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(origin_write, 16, 1, "w1")      # copies chunk 2 out
         await trio.testing.wait_all_tasks_blocked()
-        assert 2 in snap.live.targets[0].complete  # type: ignore[union-attr]
+        assert 2 in snap.live.targets[0].snap.complete  # type: ignore[union-attr,attr-defined]
         nursery.start_soon(origin_write, 8, 16, "w2")      # chunks 1, 2: all "copied"
         await trio.testing.wait_all_tasks_blocked()
         assert done == []
@@ -697,7 +700,7 @@ async def test_merge_bio_without_exceptions_goes_to_the_origin_whole(env: Env) -
 
 
 def test_exception_table_insert_matches_the_kernel_walk() -> None:
-    from targets.snapshot_table import ExceptionTable
+    from dmuser.targets.snapshot.exception_table import ExceptionTable
 
     rng = random.Random(7)
     for _ in range(30):
@@ -717,7 +720,7 @@ def test_exception_table_insert_matches_the_kernel_walk() -> None:
 
 
 def test_exception_table_covers() -> None:
-    from targets.snapshot_table import ExceptionTable
+    from dmuser.targets.snapshot.exception_table import ExceptionTable
 
     rng = random.Random(3)
     for _ in range(20):
@@ -736,11 +739,12 @@ def test_exception_table_covers() -> None:
 
 
 async def test_service_runs_in_the_table_nursery(env: Env) -> None:
-    from dmuser.table import TargetServices
+    from dmuser.core.table import TargetServices
 
     async with trio.open_nursery() as nursery:
         table = await Table.build("s", parse_table(f"0 {SIZE} snapshot base cow N 8"),
-                                  env.get_device, lambda d: None, TargetServices(nursery=nursery))
+                                  env.get_device, lambda d: None, TargetServices(nursery=nursery),
+                types=TYPES)
         names = [t.name for t in nursery.child_tasks]
         assert names == ["snapshot service s:snapshot"]
         await table.close()

@@ -17,13 +17,14 @@ import random
 
 import pytest
 import trio
+from support.fakes import MemDevice
+from support.targets import TYPES
 
-import targets  # noqa: F401
-from dmuser.bio import Bio, Op
-from dmuser.blockdev import BlockDevice, MemDevice
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import Table, parse_table
-from targets.snapshot_core import ORIGINS
+from dmuser.core.bio import Bio, Op
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, parse_table
+from dmuser.targets.snapshot.registry import ORIGINS
 
 SIZE = 2048
 ROUNDS = 25
@@ -67,7 +68,8 @@ class Model:
 
     async def create(self, name: str, line: str) -> MappedDevice:
         md = MappedDevice(name)
-        await md.load(await Table.build(name, parse_table(line), self.get, lambda d: None))
+        await md.load(await Table.build(name, parse_table(line), self.get, lambda d: None,
+                                        types=TYPES))
         await md.resume()
         self.mds[name] = md
         return md
@@ -147,7 +149,8 @@ class Model:
             cow.buf[:] = self.devs[f"cow-{name}"].buf  # type: ignore[attr-defined]
             devs = {"base2": origin, "cow2": cow}
             table = await Table.build("copy", parse_table(
-                f"0 {SIZE} snapshot base2 cow2 P {self.cs}"), devs.__getitem__, lambda d: None)
+                f"0 {SIZE} snapshot base2 cow2 P {self.cs}"), devs.__getitem__, lambda d: None,
+                types=TYPES)
             md = MappedDevice("copy")
             await md.load(table)
             await md.resume()

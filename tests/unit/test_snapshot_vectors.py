@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.targets import make_manager
 
-import targets  # noqa: F401  (registers the targets)
 from dmuser import control
-from dmuser.blockdev import BlockDevice
-from dmuser.errors import DmError
-from dmuser.manager import DeviceManager
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.errors import DmError
 
 
 def _vectors_dir() -> Path:
@@ -91,7 +90,7 @@ class Runner:
         self.tmp = tmp
         self.files = devices                      # /dev/vda -> origin.img
         self.majmin: dict[str, str] = {}          # /dev/vda -> 254:0
-        self.mgr = DeviceManager()
+        self.mgr = make_manager()
         self.mismatches: list[str] = []
 
     def _check(self, step: dict[str, Any], got: str, rc: int) -> None:

@@ -9,14 +9,14 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fakes import MemDevice
+from support.targets import make_manager
 
-from dmuser.bio import Bio, Op, ReqFlag
-from dmuser.blockdev import MemDevice
-from dmuser.errors import DmIOError, NotSupportedError, TableError
-from dmuser.manager import DeviceManager
-from dmuser.mapped_device import MappedDevice
-from dmuser.table import TargetSpec, parse_table
-from dmuser.target import StatusType
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.errors import DmIOError, NotSupportedError, TableError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import TargetSpec, parse_table
+from dmuser.core.target import StatusType
 
 # -- parse_table --------------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ async def test_failed_build_closes_backing_files(tmp_path, h: SimpleNamespace) -
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     h.make_file(a, 64)
     h.make_file(b, 64)
-    mgr = DeviceManager()
+    mgr = make_manager()
     md = MappedDevice("vol")
     with pytest.raises(TableError, match="vol: zero: No arguments required"):
         await mgr.build_table(md, "0 8 linear a.img 0\n8 8 linear b.img 0\n16 8 zero x",
@@ -222,7 +222,7 @@ async def test_failed_build_closes_backing_files(tmp_path, h: SimpleNamespace) -
 async def test_backing_files_shared_and_refcounted(tmp_path, h: SimpleNamespace) -> None:
     a = tmp_path / "a.img"
     h.make_file(a, 64)
-    mgr = DeviceManager()
+    mgr = make_manager()
     md = MappedDevice("vol")
     table = await mgr.build_table(md, f"0 8 linear a.img 0\n8 8 linear {a} 8", str(tmp_path))
     (entry,) = mgr._backing.values()

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from dmuser.bio import Bio, Op, ReqFlag
 from dmuser.control import dispatch
-from dmuser.errors import DmIOError, NotSupportedError, TableError
-from dmuser.manager import DeviceManager
-from dmuser.mapped_device import MappedDevice
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.errors import DmIOError, NotSupportedError, TableError
+from dmuser.core.manager import DeviceManager
+from dmuser.core.mapped_device import MappedDevice
 
 STATUSES = Path("/work/shared/vectors/statuses/statuses.json")
 S = 512

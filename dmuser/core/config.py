@@ -1,0 +1,101 @@
+"""Every tunable of a dmuser daemon, in one frozen record.
+
+A :class:`Config` is made once, by ``dmuser serve`` from its options (with the
+environment variables below only as a fallback), and handed down: to the
+device manager, which gives backing files their :class:`~dmuser.core.blockdev.IoPolicy`
+and every table its targets' :class:`~dmuser.core.target.TargetContext`.
+Nothing reads the environment at import time, and tests pass a ``Config``
+instead of patching module globals.
+
+Each field ``name`` is set by ``dmuser serve --name-with-dashes``, else by
+``$DMUSER_NAME_IN_CAPITALS``, else takes its default:
+
+| field | default | what |
+|---|---|---|
+| ``inline_max_bytes`` | 1 MiB | largest syscall run inline in the trio thread |
+| ``io_threads`` | 16 | worker threads for blocking syscalls |
+| ``inline_yield_every`` | 16 | inline syscalls between scheduler yields |
+| ``mirror_clean_delay`` | 5.0 s | idle time before a mirror region is marked clean |
+| ``resync_throttle`` | 100 % | mirror resync's share of time with I/O in flight |
+| ``snapshot_copy_pool_pages`` | 4096 | memory for a snapshot's copy-outs in flight |
+| ``snapshot_cow_threshold`` | 2048 | copy-outs in progress before writes wait |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "DMUSER_"
+
+
+def _tunable(default: Any, help: str, minimum: float = 0) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The daemon's tunables; see the module docstring for options and variables."""
+
+    inline_max_bytes: int = _tunable(
+        1 << 20, "largest pread/pwrite run inline in the trio thread; larger ones, and "
+        "every fdatasync, go to a worker thread (docs/io-policy.md)")
+    io_threads: int = _tunable(
+        16, "worker threads for blocking syscalls (one process-wide limiter)", minimum=1)
+    inline_yield_every: int = _tunable(
+        16, "an inline syscall yields to the scheduler once every this many calls", minimum=1)
+    mirror_clean_delay: float = _tunable(
+        5.0, "seconds a mirror region stays marked dirty after its last write; 0 is the "
+        "kernel's behaviour (cleaned at the next pass)")
+    resync_throttle: int = _tunable(
+        100, "percent of time mirror resync may keep I/O in flight, shared by every mirror "
+        "(dm-raid1's raid1_resync_throttle); 100 is unlimited", minimum=1)
+    snapshot_copy_pool_pages: int = _tunable(
+        4096, "4 KiB pages of memory for a snapshot's copy-outs in flight", minimum=1)
+    snapshot_cow_threshold: int = _tunable(
+        2048, "copy-outs in progress before a snapshot's writes wait "
+        "(dm-snap's snapshot_cow_threshold)", minimum=1)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value < f.metadata["minimum"]:
+                raise ValueError(f"{f.name} (--{f.name.replace('_', '-')}, "
+                                 f"${self.env_name(f.name)}) must be at least "
+                                 f"{f.metadata['minimum']}, not {value}")
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field[Any]]:
+        return list(dataclasses.fields(cls))
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+        """Each field from ``options`` (None: not given), else from its environment
+        variable, else its default.  Raises ValueError naming the field or
+        variable whose value is bad."""
+        values: dict[str, Any] = {}
+        for f in cls.fields():
+            kind = int if f.type in ("int", int) else float
+            given = options.get(f.name)
+            if given is not None:
+                values[f.name] = kind(given)
+                continue
+            var = cls.env_name(f.name)
+            text = environ.get(var, "").strip()
+            if text:
+                try:
+                    values[f.name] = kind(text)
+                except ValueError:
+                    what = "an integer" if kind is int else "a number"
+                    raise ValueError(f"${var}: not {what}: {text!r}") from None
+        return cls(**values)
+
+    def describe(self) -> list[str]:
+        """One ``name = value`` line per field, for the daemon's log."""
+        return [f"{f.name} = {getattr(self, f.name)}" for f in self.fields()]

@@ -1,0 +1,275 @@
+"""The device namespace: mapped devices by name, backing devices by identity.
+
+Resolving a table word to a device (``dm_get_device``):
+
+* ``MAJ:MIN`` — the real block device with that number.
+* a word without ``/`` that names a mapped device — that device (stacking is
+  resolved here, in process: dmuser never opens its own FUSE files).
+* a path whose directory is the mountpoint — the mapped device of that name.
+* any other path — an image file or block device, relative paths taken from
+  the client's working directory.
+
+Backing files are opened once and shared (reference counted by identity), and
+a mapped device used by another table counts a holder, which blocks its
+removal.  A table may not refer to its own device, directly or through the
+devices it stacks on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice, FileDevice, IoPolicy
+from dmuser.core.config import Config
+from dmuser.core.errors import (
+    DeviceBusyError,
+    DeviceExistsError,
+    DmError,
+    NoSuchDeviceError,
+    TableError,
+)
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.table import Table, TargetServices, parse_table
+from dmuser.core.target import TargetRegistry
+
+log = logging.getLogger(__name__)
+
+_MAJ_MIN = re.compile(r"^(\d+):(\d+)$")
+MAX_NAME_LEN = 127
+
+
+def check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or len(name) > MAX_NAME_LEN \
+            or "\0" in name or not name.isprintable():
+        raise TableError(f"invalid device name {name!r}: use 1-{MAX_NAME_LEN} printable "
+                         "characters, no '/'")
+
+
+def _stacked_on(md: MappedDevice) -> set[MappedDevice]:
+    """The mapped devices ``md``'s live and inactive tables use directly."""
+    return {dev for table in (md.live, md.inactive) if table is not None
+            for dev in table.devices() if isinstance(dev, MappedDevice)}
+
+
+def _block_device_path(maj_min: str) -> str:
+    """The /dev node of block device ``MAJ:MIN`` (udev's link, else sysfs's DEVNAME)."""
+    link = f"/dev/block/{maj_min}"
+    if os.path.exists(link):
+        return link
+    try:
+        with open(f"/sys/dev/block/{maj_min}/uevent") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return "/dev/" + line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    raise NoSuchDeviceError(f"no block device {maj_min}")
+
+
+class DeviceManager:
+    """Owns every mapped device and every open backing device of one daemon."""
+
+    def __init__(self, mountpoint: str = "", *, types: TargetRegistry,
+                 config: Config | None = None) -> None:
+        self.mountpoint = os.path.abspath(mountpoint) if mountpoint else ""
+        #: the target types tables may use (the daemon registers the built-in ones)
+        self.types = types
+        self.config = config or Config()
+        #: how every backing file of this daemon runs its syscalls (one thread limiter)
+        self.io_policy = IoPolicy(self.config)
+        #: state a target type shares between its instances (see TargetContext.shared)
+        self._shared: dict[str, Any] = {}
+        self.devices: dict[str, MappedDevice] = {}
+        self._backing: dict[tuple[int, ...], tuple[FileDevice, int]] = {}
+        #: called when a device appears or disappears (the FUSE layer listens)
+        self.on_change: Callable[[], None] | None = None
+        #: where targets run background work; set by the daemon (see TargetContext)
+        self.service_nursery: trio.Nursery | None = None
+
+    def __iter__(self) -> Iterator[MappedDevice]:
+        return iter(sorted(self.devices.values(), key=lambda md: md.name))
+
+    def get(self, name: str) -> MappedDevice:
+        md = self.devices.get(name)
+        if md is None:
+            raise NoSuchDeviceError(f"Device {name} does not exist.")
+        return md
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.mountpoint, name) if self.mountpoint else name
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def _depends_on(self, md: MappedDevice, target: MappedDevice) -> bool:
+        """True if ``md`` is ``target`` or stacks on it, through live or inactive tables."""
+        if md is target:
+            return True
+        for table in (md.live, md.inactive):
+            for dev in table.devices() if table else ():
+                if isinstance(dev, MappedDevice) and self._depends_on(dev, target):
+                    return True
+        return False
+
+    def _lookup_mapped(self, name: str, for_device: MappedDevice) -> MappedDevice:
+        md = self.get(name)
+        if self._depends_on(md, for_device):
+            raise TableError(f"{name}: a table cannot use its own device "
+                             f"(directly or through stacked devices)")
+        return md
+
+    def resolver(self, cwd: str, for_device: MappedDevice) -> Callable[[str], BlockDevice]:
+        """A ``get_device`` function for building a table of ``for_device``."""
+
+        def get_device(word: str) -> BlockDevice:
+            dev: BlockDevice
+            match = _MAJ_MIN.match(word)
+            if match:
+                return self._open_backing(_block_device_path(word))
+            if "/" not in word and word in self.devices:
+                dev = self._lookup_mapped(word, for_device)
+            else:
+                path = os.path.normpath(os.path.join(cwd, word))
+                if self.mountpoint and os.path.dirname(path) == self.mountpoint:
+                    dev = self._lookup_mapped(os.path.basename(path), for_device)
+                else:
+                    return self._open_backing(path)
+            assert isinstance(dev, MappedDevice)
+            dev.holders += 1
+            return dev
+
+        return get_device
+
+    def _open_backing(self, path: str) -> FileDevice:
+        dev = FileDevice(path, self.io_policy)
+        entry = self._backing.get(dev.key)
+        if entry is not None:
+            dev.close()
+            dev, count = entry
+            self._backing[dev.key] = (dev, count + 1)
+        else:
+            self._backing[dev.key] = (dev, 1)
+        return dev
+
+    def release(self, dev: BlockDevice) -> None:
+        """Give back a device obtained from a resolver."""
+        if isinstance(dev, MappedDevice):
+            dev.holders -= 1
+            return
+        assert isinstance(dev, FileDevice)
+        _, count = self._backing[dev.key]
+        if count == 1:
+            del self._backing[dev.key]
+            dev.close()
+        else:
+            self._backing[dev.key] = (dev, count - 1)
+
+    async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
+        specs = parse_table(text)
+        services = TargetServices(nursery=self.service_nursery, table_event=md.table_event,
+                                  noflush_suspending=md.noflush_suspending,
+                                  config=self.config, shared=self._shared)
+        return await Table.build(md.name, specs, self.resolver(cwd, md), self.release, services,
+                                 types=self.types)
+
+    # -- verbs that change the namespace ------------------------------------------------
+
+    async def create(self, name: str, table_text: str | None, cwd: str,
+                     uuid: str = "") -> MappedDevice:
+        """``dmsetup create``: a new device, with its table loaded and resumed if given."""
+        check_name(name)
+        if name in self.devices:
+            raise DeviceExistsError(f"Device {name} already exists.")
+        if uuid and any(md.uuid == uuid for md in self.devices.values()):
+            raise DeviceExistsError(f"A device with uuid {uuid} already exists.")
+        md = MappedDevice(name, uuid, self.path_of(name))
+        if table_text is not None:
+            table = await self.build_table(md, table_text, cwd)
+            await md.load(table)
+            try:
+                await md.resume()
+            except BaseException:
+                await md.close()
+                raise
+        self.devices[name] = md
+        self._changed()
+        return md
+
+    async def remove(self, name: str, force: bool = False) -> None:
+        """``dmsetup remove``: refuse while open or held, unless forced (open only)."""
+        md = self.get(name)
+        if md.holders:
+            raise DeviceBusyError(f"Device {name} is in use by another mapped device "
+                                  "(remove that one first).")
+        if md.open_count and not force:
+            raise DeviceBusyError(f"Device {name} is busy: open count {md.open_count}. "
+                                  "Use --force to fail its I/O and remove it anyway.")
+        del self.devices[name]
+        self._changed()
+        await md.close()
+
+    def stack_order(self) -> list[MappedDevice]:
+        """Every device, each one before the devices its tables stack on (top-down)."""
+        order: list[MappedDevice] = []
+        seen: set[str] = set()
+
+        def visit(md: MappedDevice) -> None:
+            if md.name in seen:
+                return
+            seen.add(md.name)
+            for user in self:
+                if user is not md and md in _stacked_on(user):
+                    visit(user)
+            order.append(md)
+
+        for md in self:
+            visit(md)
+        return order
+
+    async def quiesce_all(self) -> None:
+        """Suspend and flush every device, top-down; errors are logged, not raised.
+
+        Devices the user left suspended are resumed first (held I/O completes).
+
+        A device is suspended (its I/O drained) and flushed while the devices
+        below it still run, so its drain and its flush can reach them; the
+        kernel's tools suspend stacks in the same order.
+        """
+        for md in self:
+            if md.suspended:
+                # A device the user left suspended would hold the drain and the
+                # final flush of every device stacked on it forever.  Its pending
+                # reload dies with the daemon anyway: drop it and let I/O flow.
+                try:
+                    await md.clear()
+                    await md.resume()
+                except DmError as exc:
+                    log.error("%s: cannot resume for shutdown: %s", md.name, exc)
+        for md in self.stack_order():
+            await md.suspend()
+            if md.live is None:
+                continue
+            try:
+                await md.live.submit(Bio.flush())
+            except DmError as exc:
+                log.error("%s: final flush failed: %s", md.name, exc)
+
+    async def remove_all(self) -> None:
+        """Remove every device, users before the devices they stack on."""
+        while self.devices:
+            free = [md for md in self.devices.values() if not md.holders]
+            if not free:
+                raise DeviceBusyError("cannot remove the remaining devices, each is held: "
+                                      + ", ".join(sorted(self.devices)))
+            for md in free:
+                await self.remove(md.name, force=True)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

@@ -1,0 +1,1 @@
+"""Kernel on-disk formats: pure encode/decode."""

@@ -1,0 +1,1 @@
+"""dmuser/services"""

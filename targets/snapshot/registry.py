@@ -1,0 +1,177 @@
+"""The origin registry (the kernel's ``_origins`` hash) and origin-write copy-outs.
+
+Every snapshot registers under its origin device when its target is
+constructed and leaves when the target is destroyed (``handover.py``);
+a resumed ``snapshot-origin`` target records itself too.  An origin write
+asks :func:`do_origin` (or, on the direct path, :func:`origin_write_is_plain`)
+for the copy-outs it needs in every active snapshot of that origin.
+
+Concurrency: trio is single-threaded, so the registry and each snapshot's
+tables are changed only between checkpoints.  The invariant "a chunk has at
+most one pending exception per snapshot" holds because lookup, allocation and
+insertion of a pending exception happen without a checkpoint in between
+(:func:`origin_write_nowait`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice
+from dmuser.targets.snapshot.snap import PendingException, Snapshot
+
+log = logging.getLogger(__name__)
+
+#: Split boundary of an origin with no snapshot (the kernel's 2^31 sectors).
+NO_SNAPSHOT_SPLIT = 1 << 31
+
+
+def origin_key(dev: BlockDevice) -> tuple[Any, ...]:
+    """Identity of an origin block device (image files are shared by the manager)."""
+    key = getattr(dev, "key", None)
+    return ("file", *key) if isinstance(key, tuple) else ("obj", id(dev))
+
+
+@dataclass(eq=False)
+class Origin:
+    """The snapshots of one origin device, largest chunk size first."""
+
+    key: tuple[Any, ...]
+    snapshots: list[Snapshot] = field(default_factory=list)
+    #: resumed snapshot-origin targets of this device (resume adds, postsuspend removes)
+    origin_targets: list[object] = field(default_factory=list)
+
+    def insert(self, snap: Snapshot) -> None:
+        size = snap.store.chunk_size
+        i = next((i for i, s in enumerate(self.snapshots) if s.store.chunk_size < size),
+                 len(self.snapshots))
+        self.snapshots.insert(i, snap)
+
+    def min_chunk_size(self) -> int:
+        sizes = [s.store.chunk_size for s in self.snapshots if s.store.chunk_size]
+        return min(sizes, default=NO_SNAPSHOT_SPLIT)
+
+
+ORIGINS: dict[tuple[Any, ...], Origin] = {}
+
+
+def lookup_origin(dev: BlockDevice) -> Origin | None:
+    return ORIGINS.get(origin_key(dev))
+
+
+def get_origin(dev: BlockDevice) -> Origin:
+    key = origin_key(dev)
+    origin = ORIGINS.get(key)
+    if origin is None:
+        origin = ORIGINS[key] = Origin(key)
+    return origin
+
+
+def drop_origin_if_unused(origin: Origin) -> None:
+    if not origin.snapshots and not origin.origin_targets:
+        ORIGINS.pop(origin.key, None)
+
+
+def origin_write_nowait(snapshots: Iterable[Snapshot], sector: int,
+                        with_bio: bool = True) -> list[PendingException]:
+    """``__origin_write``: start the copy-outs a write at ``sector`` needs.
+
+    Never blocks.  Returns the pending exceptions the write must wait for
+    (empty: it may go to the origin now).  With ``with_bio`` the first new
+    copy is started last, to give the others a head start, as the kernel does.
+    """
+    waits: list[PendingException] = []
+    start_last: PendingException | None = None
+    for snap in snapshots:
+        if snap.is_merge or not snap.active or not snap.valid or sector >= snap.dev_end:
+            continue
+        chunk = sector >> snap.store.chunk_shift
+        pe = snap.pending.get(chunk)
+        if pe is None:
+            if chunk in snap.complete:
+                continue
+            pe = snap.new_pending_for_origin(chunk)
+            if pe is None:
+                continue
+        waits.append(pe)
+        if pe.started:
+            continue
+        if with_bio and start_last is None:
+            start_last = pe
+            pe.started = True
+        else:
+            snap.start_copy(pe)
+    if start_last is not None:
+        start_last.snap.start_copy(start_last, already_marked=True)
+    return waits
+
+
+def _needs_no_copy(snap: Snapshot, start: int, end: int) -> bool:
+    """True if an origin write of ``[start, end)`` needs nothing from ``snap``: every
+    chunk it touches has a completed exception and none has a pending one."""
+    end = min(end, snap.dev_end)
+    if start >= end:
+        return True
+    shift = snap.store.chunk_shift
+    first, last = start >> shift, (end - 1) >> shift
+    if not snap.complete.covers(first, last):
+        return False
+    pending = snap.pending
+    return not pending or not any(map(pending.__contains__, range(first, last + 1)))
+
+
+def origin_write_is_plain(origin_dev: BlockDevice, sector: int, nr_sectors: int) -> bool:
+    """True if :func:`do_origin` would return at once for a write of these
+    sectors: no snapshot is throttled or being invalidated, and none needs a
+    copy of any chunk they touch.  Synchronous, for the direct path
+    (``SnapshotOriginTarget.direct_remap``); conservative: any doubt is False."""
+    origin = lookup_origin(origin_dev)
+    if origin is None or not origin.snapshots:
+        return True
+    end = sector + nr_sectors
+    for snap in origin.snapshots:
+        if snap.throttled or snap.invalidated:
+            return False
+        if snap.active and snap.valid and not snap.is_merge \
+                and not _needs_no_copy(snap, sector, end):
+            return False
+    return True
+
+
+async def do_origin(origin_dev: BlockDevice, bio: Bio, throttle: bool) -> None:
+    """Copy out every chunk a write to the origin is about to overwrite (``do_origin``).
+
+    Returns when no active snapshot needs a copy of any chunk the bio touches;
+    the caller then sends the bio to the origin (whole: it is never split).
+    When every chunk the bio touches is already copied in every snapshot, one
+    range check per snapshot decides that.  Otherwise the bio is cut at the
+    smallest chunk size of the origin's snapshots, so each piece lies inside
+    one chunk of every snapshot, and the pieces are looked at in sector order,
+    so COW chunks are allocated in the kernel's order; pieces already copied
+    cost a lookup each.
+    """
+    origin = lookup_origin(origin_dev)
+    if origin is None or not origin.snapshots:
+        return
+    if throttle:
+        for snap in list(origin.snapshots):
+            await snap.wait_throttle()
+    start, end = bio.sector, bio.end_sector
+    while True:
+        snaps = [s for s in origin.snapshots if s.active and s.valid and not s.is_merge]
+        if all(_needs_no_copy(s, start, end) for s in snaps):
+            break
+        step = origin.min_chunk_size()
+        waits: list[PendingException] = []
+        for sector in (start, *range((start // step + 1) * step, end, step)):
+            waits.extend(origin_write_nowait(snaps, sector))
+        if not waits:
+            break
+        for pe in waits:
+            await pe.done.wait()
+    for snap in list(origin.snapshots):  # a full COW invalidated one: header first
+        await snap.wait_invalidated()

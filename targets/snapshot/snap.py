@@ -1,0 +1,295 @@
+"""One snapshot's state and exception machinery (the kernel's ``struct dm_snapshot``).
+
+The ``snapshot`` and ``snapshot-merge`` targets each own a :class:`Snapshot`;
+the origin registry (``registry.py``), handover (``handover.py``) and bio
+routing (``route.py``) work on it through the public members below.  As in
+``dm-snap.c``, one structure serves both target types (``is_merge``).
+
+Guarantees (the protocol is written down in ``docs/snapshot-protocol.md``):
+
+* A pending exception is allocated (:meth:`Snapshot.new_pending`) without a
+  checkpoint, so lookup, allocation and insertion are atomic: a chunk never
+  gets two pending exceptions, and COW chunks go out in the order chunks were
+  looked at.
+* Exceptions commit in allocation order, one call at a time: each copy (a
+  kcopyd job) or full-chunk write ends in the commit loop, which one task at a
+  time runs; a copy finishing meanwhile only queues itself.  For P the data
+  copy is durable, then the metadata area (PREFLUSH|FUA) is, before anything
+  waiting on the exception is released.
+* A completed exception releases its waiters only once no tracked read of the
+  chunk is left (``ChunkTracker``), so a snapshot read never sees origin data
+  written after the snapshot.
+* A failed copy or commit, or a full COW on an origin write, invalidates the
+  snapshot (P: durably, see :meth:`Snapshot.invalidate`).
+
+Fields: everything is changed only between checkpoints (trio is
+single-threaded); ``pending``, ``complete`` and the sequence counters are
+additionally only changed by allocation (no checkpoint inside) and by the
+commit loop (``_committing``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from dmuser.core.bio import Bio
+from dmuser.core.blockdev import BlockDevice
+from dmuser.core.errors import DmIOError
+from dmuser.services.dm_io import Region
+from dmuser.targets.snapshot.exception_table import ChunkTracker, ExceptionTable
+from dmuser.targets.snapshot.service import Service
+from dmuser.targets.snapshot.store import CowFullError, ExceptionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PendingException:
+    """A copy-out in progress (the kernel's ``dm_snap_pending_exception``).
+
+    ``done`` is set once the exception was committed (or failed) and every
+    tracked read of the chunk has finished; ``error`` says whether it failed.
+    Waiters (origin writes, snapshot writes) are released by ``done``.
+    """
+
+    snap: Snapshot
+    old_chunk: int
+    new_chunk: int
+    seq: int
+    started: bool = False
+    copy_error: bool = False
+    error: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class _PendingDone:
+    """The kernel's ``_pending_exceptions_done``: wakes whoever waits for *any* completion."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+PENDING_DONE = _PendingDone()
+
+
+class Snapshot:
+    """The shared state of a snapshot or snapshot-merge target.
+
+    Attributes:
+        origin, cow: the origin and COW devices.
+        store: the exception store (swapped by a handover).
+        is_merge: this is a snapshot-merge target.
+        valid: all I/O fails once False.
+        overflowed: a PO store is full: writes fail, reads work.
+        active: set by the first resume; origin writes ignore inactive snapshots.
+        suspended: between postsuspend and resume.
+        handover_pending: a destination waiting for the source's exceptions.
+        merge_failed: the merge stopped on an error ("Merge failed").
+        complete: completed exceptions; pending: pending ones by origin chunk.
+        tracker: reads to the origin (and merge's COW writes) in flight per chunk.
+        in_progress: copies started and not yet called back (the throttle).
+    """
+
+    def __init__(self, md_name: str, dev_end: int, origin: BlockDevice, cow: BlockDevice,
+                 store: ExceptionStore, service: Service, *, is_merge: bool,
+                 cow_threshold: int) -> None:
+        self.md_name = md_name
+        #: origin writes at or beyond this sector do not concern this snapshot
+        self.dev_end = dev_end
+        self.origin, self.cow, self.store, self.service = origin, cow, store, service
+        self.is_merge = is_merge
+        #: dm_snapshot.snapshot_cow_threshold: copies in progress before writes wait
+        self.cow_threshold = cow_threshold
+        self.valid = True
+        self.overflowed = False
+        self.active = False
+        self.suspended = False
+        self.handover_pending = False
+        self.merge_failed = False
+        self.complete = ExceptionTable()
+        self.pending: dict[int, PendingException] = {}
+        self.tracker = ChunkTracker()
+        self.in_progress = 0
+        self._next_seq = 0           # exception_start_sequence
+        self._complete_seq = 0       # exception_complete_sequence
+        self._out_of_order: dict[int, PendingException] = {}
+        self._committing = False     # a task is running the commit loop of _copy_done
+        self._progress = trio.Event()
+        self._dropped: trio.Event | None = None  # set once drop_snapshot finished
+
+    def status(self) -> str:
+        """The INFO status: ``Invalid``, ``Merge failed``, ``Overflow`` or the usage."""
+        if not self.valid:
+            return "Invalid"
+        if self.merge_failed:
+            return "Merge failed"
+        if self.overflowed:
+            return "Overflow"
+        allocated, total, metadata = self.store.usage()
+        return f"{allocated}/{total} {metadata}"
+
+    # -- pending exceptions --------------------------------------------------------------
+
+    def new_pending(self, chunk: int) -> PendingException | None:
+        """Allocate a COW chunk and record a pending exception; None if the COW is full."""
+        try:
+            new_chunk = self.store.prepare_exception()
+        except CowFullError:
+            return None
+        pe = PendingException(self, chunk, new_chunk, self._next_seq)
+        self._next_seq += 1
+        self.pending[chunk] = pe
+        return pe
+
+    def new_pending_for_origin(self, chunk: int) -> PendingException | None:
+        """:meth:`new_pending` for an origin write: a full COW invalidates the snapshot."""
+        pe = self.new_pending(chunk)
+        if pe is None:
+            self.invalidate(errno.ENOMEM)
+        return pe
+
+    def start_copy(self, pe: PendingException, already_marked: bool = False) -> None:
+        """Start copying the origin chunk to its COW chunk (``start_copy``); never blocks."""
+        assert already_marked or not pe.started
+        pe.started = True
+        self.in_progress += 1
+        cs = self.store.chunk_size
+        src = pe.old_chunk * cs
+        count = max(0, min(cs, self.origin.nr_sectors - src))
+        if not self.service.copy(Region(self.origin, src, count),
+                                 Region(self.cow, pe.new_chunk * cs, count),
+                                 lambda failed: self._copy_done(pe, failed)):
+            self._lost(pe)
+
+    def start_full_bio(self, pe: PendingException, piece: Bio) -> None:
+        """The snapshot write covers the whole chunk: it is the copy (``start_full_bio``)."""
+        pe.started = True
+        self.in_progress += 1
+
+        async def write() -> None:
+            failed = False
+            try:
+                await self.cow.submit(piece)
+            except DmIOError:
+                failed = True
+            await self._copy_done(pe, failed)
+
+        if not self.service.start_io(write):
+            self._lost(pe)
+
+    def _lost(self, pe: PendingException) -> None:
+        """The service is gone (target closing): fail the exception and the snapshot."""
+        self.copy_finished()
+        self.invalidate(errno.EIO)
+        if self.pending.get(pe.old_chunk) is pe:
+            del self.pending[pe.old_chunk]
+        pe.error = True
+        pe.done.set()
+
+    async def _copy_done(self, pe: PendingException, failed: bool) -> None:
+        """A copy (or full-chunk write) ended: commit, in allocation order.
+
+        Runs in the kcopyd callback worker (a copy) or in the full-chunk
+        write's service task.  One task at a time runs the commit loop
+        (``_committing``); a copy finishing meanwhile only queues its
+        exception, and the running loop commits it when its turn comes (its
+        check follows every await), so commits never overlap and go in
+        sequence order, as with the kernel's single kcopyd callback thread.
+        """
+        self.copy_finished()
+        pe.copy_error = failed
+        self._out_of_order[pe.seq] = pe
+        if self._committing:
+            return
+        self._committing = True
+        try:
+            while self._complete_seq in self._out_of_order:
+                e = self._out_of_order.pop(self._complete_seq)
+                self._complete_seq += 1
+                done = await self.store.commit_exception(e.old_chunk, e.new_chunk,
+                                                         not e.copy_error, e)
+                for ctx, ok in done:
+                    await self._pending_complete(ctx, ok)
+        except Exception:  # a bug: do not leave writers waiting forever
+            log.exception("%s: snapshot commit failed", self.md_name)
+            self.invalidate(errno.EIO)
+            for e in self.pending.values():
+                e.error = True
+                e.done.set()
+            self.pending.clear()
+        finally:
+            self._committing = False
+
+    async def _pending_complete(self, pe: PendingException, success: bool) -> None:
+        if not success:
+            self.invalidate(errno.EIO)
+            await self.wait_invalidated()
+            pe.error = True
+        elif not self.valid:
+            pe.error = True
+        else:
+            self.complete.insert(pe.old_chunk, pe.new_chunk)
+            await self.tracker.wait_idle(pe.old_chunk)
+        if self.pending.get(pe.old_chunk) is pe:
+            del self.pending[pe.old_chunk]
+        PENDING_DONE.notify()
+        pe.done.set()
+
+    # -- invalidation and throttling -----------------------------------------------------
+
+    def invalidate(self, reason: int) -> None:
+        """``__invalidate_snapshot``: fail all I/O from now on; P rewrites its header."""
+        if not self.valid:
+            return
+        if reason == errno.EIO:
+            log.error("Invalidating snapshot: Error reading/writing.")
+        elif reason == errno.ENOMEM:
+            log.error("Invalidating snapshot: Unable to allocate exception.")
+        self.valid = False
+        dropped = self._dropped = trio.Event()
+
+        async def drop() -> None:
+            try:
+                await self.store.drop_snapshot()
+            finally:
+                dropped.set()
+
+        if not self.service.start_io(drop):
+            dropped.set()
+
+    @property
+    def invalidated(self) -> bool:
+        """True once :meth:`invalidate` ran (its header write may still be under way)."""
+        return self._dropped is not None
+
+    async def wait_invalidated(self) -> None:
+        """Return once an invalidation's header write is done (the kernel does it inline)."""
+        if self._dropped is not None:
+            await self._dropped.wait()
+
+    def copy_finished(self) -> None:
+        """A copy (or full-chunk write, or zeroing) counted in ``in_progress`` ended."""
+        self.in_progress -= 1
+        self._progress.set()
+        self._progress = trio.Event()
+
+    @property
+    def throttled(self) -> bool:
+        """More than ``cow_threshold`` copies are in progress: writes wait."""
+        return self.in_progress > self.cow_threshold
+
+    async def wait_throttle(self) -> None:
+        """Wait while more than ``cow_threshold`` copies are in progress."""
+        while self.in_progress > self.cow_threshold:
+            await self._progress.wait()

@@ -1,0 +1,1 @@
+"""Test support: fakes, the daemon rig, data patterns, system helpers, format oracles."""
