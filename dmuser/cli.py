@@ -138,10 +138,18 @@ def _read_table(args: argparse.Namespace) -> str | None:
             with open(args.table_file) as f:
                 return f.read()
         except OSError as exc:
-            raise DmError(f"cannot read table file {args.table_file}: {exc.strerror}") from None
+            raise DmError(f"cannot read table file {args.table_file}: "
+                          f"{exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise DmError(f"table file {args.table_file} is not text") from None
     if args.table_file is None and sys.stdin.isatty():
         raise DmError("no table given: use --table, a table file, or pipe it on stdin")
-    return sys.stdin.read()
+    try:
+        return sys.stdin.read()
+    except OSError as exc:
+        raise DmError(f"cannot read the table from stdin: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise DmError("the table on stdin is not text") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -149,6 +157,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     mountpoint = args.mountpoint or paths.default_mountpoint()
     sock = args.socket or paths.default_socket()
+    try:
+        client.check_socket_path(os.path.abspath(sock))
+    except DmError as exc:
+        print(f"dmuser: serve: {exc}", file=sys.stderr)
+        return 2
     try:
         config = Config.build({f.name: getattr(args, f.name) for f in Config.fields()},
                               os.environ)

@@ -43,7 +43,7 @@ from dmuser.core.bio import Bio
 from dmuser.core.errors import DmError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
-from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
+from dmuser.core.units import MAX_DEVICE_SECTORS, SECTOR_SHIFT, SECTOR_SIZE
 from dmuser.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,9 @@ class DeviceFS(pyfuse3.Operations):
             entry.st_ino = node.inode
             entry.st_mode = stat.S_IFREG | 0o600
             entry.st_nlink = 1
-            entry.st_size = node.md.nr_sectors << SECTOR_SHIFT
+            # Never more than a file can hold (tables are refused beyond it, see
+            # manager.build_table): one bad size must not fail the listing.
+            entry.st_size = min(node.md.nr_sectors, MAX_DEVICE_SECTORS) << SECTOR_SHIFT
             mtime = node.mtime_ns
         entry.st_uid, entry.st_gid = self._uid, self._gid
         entry.st_blksize = 4096
@@ -179,16 +181,25 @@ class DeviceFS(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """List the devices; an entry that cannot be described is logged and left
+        out, so one bad device never hides the others."""
         nodes = sorted(self._by_name.items())
         for i, (name, node) in enumerate(nodes[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), i):
+            try:
+                attrs = self._attrs(node)
+                encoded = os.fsencode(name)
+            except Exception:
+                log.exception("readdir: leaving out device %r", name)
+                continue
+            if not pyfuse3.readdir_reply(token, encoded, attrs, i):
                 break
 
     @_translate
     async def statfs(self, ctx: Any) -> Any:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = SECTOR_SIZE
-        st.f_blocks = sum(md.nr_sectors for md in self.manager.devices.values())
+        total = sum(md.nr_sectors for md in self.manager.devices.values())
+        st.f_blocks = min(total, (1 << 64) - 1)  # a fsblkcnt_t
         st.f_files = len(self._by_name)
         st.f_namemax = 127
         return st

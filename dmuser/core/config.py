@@ -43,7 +43,7 @@ class Config:
         1 << 20, "largest pread/pwrite run inline in the trio thread; larger ones, and "
         "every fdatasync, go to a worker thread (docs/io-policy.md)")
     io_threads: int = _tunable(
-        16, "worker threads for blocking syscalls (one process-wide limiter)", minimum=1)
+        16, "worker threads for blocking syscalls (one limiter per daemon)", minimum=1)
     inline_yield_every: int = _tunable(
         16, "an inline syscall yields to the scheduler once every this many calls", minimum=1)
     mirror_clean_delay: float = _tunable(

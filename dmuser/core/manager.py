@@ -38,6 +38,7 @@ from dmuser.core.errors import (
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.table import Table, TargetServices, parse_table
 from dmuser.core.target import TargetRegistry
+from dmuser.core.units import MAX_DEVICE_SECTORS
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,10 @@ class DeviceManager:
             self._backing[dev.key] = (dev, 1)
         return dev
 
+    def open_backing_files(self) -> list[str]:
+        """Paths of the backing files and block devices open now (for checks and reports)."""
+        return sorted(dev.path for dev, _ in self._backing.values())
+
     def release(self, dev: BlockDevice) -> None:
         """Give back a device obtained from a resolver."""
         if isinstance(dev, MappedDevice):
@@ -172,6 +177,11 @@ class DeviceManager:
 
     async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
         specs = parse_table(text)
+        end = max(spec.start + spec.length for spec in specs)
+        if end > MAX_DEVICE_SECTORS:
+            raise TableError(f"{md.name}: a device of {end} sectors is too large: a dmuser "
+                             f"device is a file, of at most {MAX_DEVICE_SECTORS} sectors "
+                             "(2^63 - 1 bytes)")
         services = TargetServices(nursery=self.service_nursery, table_event=md.table_event,
                                   noflush_suspending=md.noflush_suspending,
                                   config=self.config, shared=self._shared)

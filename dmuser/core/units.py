@@ -13,6 +13,9 @@ PAGE_SIZE = 4096
 PAGE_SECTORS = PAGE_SIZE // SECTOR_SIZE
 #: Largest value a sector_t (u64) can hold; offsets beyond it are rejected.
 MAX_SECTOR = (1 << 64) - 1
+#: Largest mapped device: dmuser shows each device as a file, and a file's size
+#: is an off_t (signed 64-bit), so at most 2^63 - 1 bytes: 2^54 - 1 whole sectors.
+MAX_DEVICE_SECTORS = ((1 << 63) - 1) >> SECTOR_SHIFT
 
 
 def to_bytes(nr_sectors: int) -> int:

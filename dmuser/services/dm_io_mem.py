@@ -1,6 +1,6 @@
-"""dm-io memory descriptions and the page reservation (part of :mod:`dmuser.dm_io`).
+"""dm-io memory descriptions and the page reservation (part of :mod:`dmuser.services.dm_io`).
 
-Split out of ``dm_io.py`` for size; import these names from :mod:`dmuser.dm_io`.
+Split out of ``dm_io.py`` for size; import these names from :mod:`dmuser.services.dm_io`.
 """
 
 from __future__ import annotations

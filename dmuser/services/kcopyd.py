@@ -1,8 +1,8 @@
 """kcopyd: copy a region to up to 8 others, or zero them (the kernel's ``dm-kcopyd.c``).
 
 Snapshot copy-out, snapshot merge and mirror resync use it.  All I/O goes
-through :mod:`dmuser.dm_io` with the asynchronous form's flags (no REQ_SYNC, as
-in the kernel), run by :func:`~dmuser.dm_io.dm_io_wait` in the sub-job's own
+through :mod:`dmuser.services.dm_io` with the asynchronous form's flags (no REQ_SYNC, as
+in the kernel), run by :func:`~dmuser.services.dm_io.dm_io_wait` in the sub-job's own
 task (the same bios as ``dm_io`` + a notify function, without a task and an
 event per request).  Pages are taken without a checkpoint when they are free.
 A small copy whose bios all run inline (``BlockDevice.runs_inline``: plain
@@ -107,7 +107,7 @@ class KcopydClient:
         split_count: sub-jobs per large job.
         throttle: a percentage or a (shareable) :class:`KcopydThrottle`.
         io_reserved_pages: the reservation of the client's own dm-io client
-            (default :data:`dmuser.dm_io.DEFAULT_RESERVED_PAGES`).
+            (default :data:`dmuser.services.dm_io.DEFAULT_RESERVED_PAGES`).
     """
 
     def __init__(

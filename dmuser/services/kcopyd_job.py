@@ -1,6 +1,6 @@
 """kcopyd's data types: flags, results, statistics, the throttle, jobs and slice buffers.
 
-Split from :mod:`dmuser.kcopyd` (which re-exports the public names) to keep
+Split from :mod:`dmuser.services.kcopyd` (which re-exports the public names) to keep
 each module small; the guarantees are described there.
 """
 

@@ -436,7 +436,7 @@ def test_damaged_cow_fails_table_load_and_cow_tool(daemon: Daemon) -> None:
     }
     # the reason the daemon logs (the table-load error is the kernel's generic one)
     reasons = {"garbage.img": "Invalid or corrupt snapshot",
-               "truncated.img": "cannot read metadata area 1",
+               "truncated.img": "metadata area 1 (chunk 258) lies beyond the end of the device",
                "tiny.img": "cannot read the snapshot header",
                "badchunk.img": "invalid on-disk chunk size 3",
                "badversion.img": "unable to handle snapshot disk version 2"}

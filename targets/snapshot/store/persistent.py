@@ -20,9 +20,10 @@ Guarantees:
   failure and :meth:`drop_snapshot` rewrites the header with ``valid = 0``.
 * The header is written only for a new store and by :meth:`drop_snapshot`.
 
-Concurrency: the snapshot target serialises commits and merge steps (one at a
-time, see ``__init__.py``); ``prepare_exception`` may run while a commit is
-waiting for I/O because it only touches ``next_free`` and ``pending_count``.
+Concurrency: the snapshot serialises commits (one at a time: the commit loop
+of ``snap.Snapshot``) and merge steps (``merge.py``), see ``base.py``;
+``prepare_exception`` may run while a commit is waiting for I/O because it
+only touches ``next_free`` and ``pending_count``.
 """
 
 from __future__ import annotations
@@ -172,14 +173,28 @@ class PersistentStore(ExceptionStore):
         Records after the terminator (a torn write's leftovers) are dropped; the
         kernel keeps them in memory, so a later commit that reaches their index
         would bring them back to life pointing at reused chunks.
+
+        dmuser, unlike the kernel, refuses metadata it cannot trust: a record
+        naming a chunk past the device, the header or a metadata area, an origin
+        chunk or a COW chunk named twice, or an area past the device
+        (:class:`~dmuser.formats.cow.MetadataWalk`, the check ``dmuser cow
+        check`` runs too).  Nothing is added before the whole walk passed.
         """
         walk = MetadataWalk(self.chunk_size, self.cow.nr_sectors)
         while (chunk := walk.next_area()) is not None:
+            if (chunk + 1) * self.chunk_size > self.cow.nr_sectors:
+                walk.feed(b"")  # past the end: the walk records the problem
+                continue
             try:
                 walk.feed(await self._read_chunk(chunk))
             except DmIOError as exc:
                 raise StoreError(f"cannot read metadata area {len(walk.area_chunks)}: "
                                  f"{exc}") from exc
+        if walk.problems:
+            more = len(walk.problems) - 1
+            raise StoreError("damaged metadata: " + walk.problems[0]
+                             + (f" (and {more} more problem{'s' * (more > 1)}; "
+                                "'dmuser cow check' lists them)" if more else ""))
         for old, new in walk.records:
             add_exception(old, new)
         self._area = walk.last_area
