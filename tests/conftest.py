@@ -52,9 +52,10 @@ import pytest
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)  # test modules import helpers.py from here
+    sys.path.insert(0, _TESTS_DIR)  # test modules import the support package from here
 
-import helpers  # noqa: E402  (needs the path above)
+from support.daemon import Daemon, DaemonFactory  # noqa: E402  (needs the path above)
+from support.system import dead_runs, in_ci, register_run, sweep_run  # noqa: E402
 
 CAPABILITIES = ("root", "fuse", "loop", "fio", "mkfs")
 #: marks whose skip fails a CI run
@@ -63,10 +64,6 @@ DAEMON_FIXTURES = ("daemon", "make_daemon")
 
 _CAPS_KEY = pytest.StashKey[dict]()
 _REPORTS_KEY = pytest.StashKey[dict]()
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # -- capability probes -------------------------------------------------------------------
@@ -215,7 +212,7 @@ def phase_failed(request: pytest.FixtureRequest) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for run_file in _RUN:
-        _SWEPT.extend(helpers.sweep_run(run_file))
+        _SWEPT.extend(sweep_run(run_file))
     if in_ci() and _CI_SKIPS and session.exitstatus in (pytest.ExitCode.OK,
                                                          pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -245,9 +242,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
 def _dmuser_run_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Register this run (for sweeps); sweep what dead runs left behind."""
     base = tmp_path_factory.getbasetemp()
-    for run_file in helpers.dead_runs(base.parent):
-        _SWEPT_AT_START.extend(helpers.sweep_run(run_file))
-    _RUN[:] = [helpers.register_run(base)]
+    for run_file in dead_runs(base.parent):
+        _SWEPT_AT_START.extend(sweep_run(run_file))
+    _RUN[:] = [register_run(base)]
     yield
 
 
@@ -307,15 +304,15 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.fixture
-def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[helpers.DaemonFactory]:
-    """Factory: ``make_daemon(name="d", start=True)`` -> a started :class:`helpers.Daemon`.
+def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
+    """Factory: ``make_daemon(name="d", start=True)`` -> a started :class:`support.daemon.Daemon`.
 
     Every daemon made is stopped at teardown (and everything it set up
     removed), also when the test failed; on failure the daemon logs are
     printed.  A daemon whose log shows a Python traceback fails the test
     unless ``daemon.allow_tracebacks`` was set.
     """
-    factory = helpers.DaemonFactory(tmp_path)
+    factory = DaemonFactory(tmp_path)
     try:
         yield factory
     finally:
@@ -329,6 +326,6 @@ def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[help
 
 
 @pytest.fixture
-def daemon(make_daemon: helpers.DaemonFactory) -> helpers.Daemon:
+def daemon(make_daemon: DaemonFactory) -> Daemon:
     """A running daemon: mountpoint ``daemon.mnt``, socket ``daemon.sock``, cwd ``daemon.dir``."""
     return make_daemon()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import is_mounted
+from support.system import is_mounted
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,16 +18,8 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from helpers import (
-    DaemonFactory,
-    check_pattern_io,
-    dmuser_cmd,
-    make_image,
-    pattern,
-    read_at,
-    run_dmuser,
-    write_at,
-)
+from support.daemon import DaemonFactory, dmuser_cmd, run_dmuser
+from support.data import check_pattern_io, make_image, pattern, read_at, write_at
 
 pytestmark = [pytest.mark.fuse]
 

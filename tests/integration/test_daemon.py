@@ -17,17 +17,9 @@ import threading
 import time
 
 import pytest
-from helpers import (
-    Daemon,
-    check_pattern_io,
-    dmuser_cmd,
-    is_mounted,
-    make_image,
-    pattern,
-    read_at,
-    run_dmuser,
-    write_at,
-)
+from support.daemon import Daemon, dmuser_cmd, run_dmuser
+from support.data import check_pattern_io, make_image, pattern, read_at, write_at
+from support.system import is_mounted
 
 MiB = 1 << 20
 

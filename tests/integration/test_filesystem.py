@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import fsck_clean, make_image, mkfs_ext4, pattern, read_at
+from support.data import make_image, pattern, read_at
+from support.system import fsck_clean, mkfs_ext4
 
 MiB = 1 << 20
 SECTOR = 512

@@ -17,15 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    Io,
-    assert_bytes,
-    make_image,
-    pattern,
-    read_at,
-    verify_at,
-    write_at,
-)
+from support.data import assert_bytes, make_image, pattern, read_at, verify_at, write_at
+from support.system import Io
 
 MiB = 1 << 20
 SECTOR = 512

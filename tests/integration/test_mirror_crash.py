@@ -3,8 +3,8 @@
 A 64 MiB two-leg mirror of 256 regions (256 KiB each) gets writes confined to
 a few regions, the daemon is killed with SIGKILL at a seeded random moment,
 and then, before anything is re-created, the log device is decoded with
-``mirror_log.py``, a small decoder written from dm-spec §5.5 (independent of
-``targets/dirtylog``).  Checked:
+``support/oracles.py``, a small decoder written from dm-spec §5.5 (independent of
+``dmuser.targets.mirror.log``).  Checked:
 
 * the dirty regions are a subset of the regions written (far fewer than 256);
 * every region where the two legs differ is dirty in the log (dirty-before-data);
@@ -19,7 +19,7 @@ and then, before anything is re-created, the log device is decoded with
   fsck-clean, with every fsync'd file intact.
 
 Legs are stacked dmuser ``linear`` devices over the image files; the ``rig``
-fixture tears them down with :meth:`helpers.Daemon.unstack` (resume every
+fixture tears them down with :meth:`support.daemon.Daemon.unstack` (resume every
 device, unmount, detach, remove users first) before the daemon fixture's
 teardown, so that a test failing with leg 1 suspended cannot hold the
 daemon's shutdown.
@@ -39,17 +39,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    Daemon,
-    DaemonFactory,
-    fsck_clean,
-    make_image,
-    mkfs_ext4,
-    read_at,
-    wait_until,
-    write_at,
-)
-from mirror_log import MAGIC, differing_regions, read_disk_log
+from support.daemon import Daemon, DaemonFactory
+from support.data import make_image, read_at, write_at
+from support.oracles import MAGIC, differing_regions, read_disk_log
+from support.system import fsck_clean, mkfs_ext4, wait_until
 
 MiB = 1 << 20
 SECTOR = 512

@@ -7,15 +7,11 @@ resync can be paused deterministically by suspending the source leg device:
 the copy waits at that device's door.
 
 The ``d`` fixture tears each test's devices down with
-:meth:`helpers.Daemon.unstack` before the daemon fixture's teardown.  The
+:meth:`support.daemon.Daemon.unstack` before the daemon fixture's teardown.  The
 daemon's shutdown quiesces stacked devices top-down, but a test failing with a
 leg device still suspended (a source leg paused for the resync, say) would
 leave the shutdown's final flush of the mirror above it waiting; ``unstack``
 resumes every device first, then unmounts, detaches and removes users first.
-
-(Named test_mirror_integration.py, not test_mirror.py: tests/unit/test_mirror.py
-has that basename, and without __init__.py files or --import-mode=importlib two
-test modules with one basename break collection.)
 
 Status words (dm-spec §5.2): ``<#legs> <leg>... <in-sync>/<regions> 1 <health>
 <log status>``, e.g. ``2 /m/L0 /m/L1 128/128 1 AA 3 disk /d/log.img A``.
@@ -32,21 +28,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from helpers import (
-    Daemon,
-    Io,
-    assert_bytes,
-    fsck_clean,
-    make_image,
-    mkfs_ext4,
-    pattern,
-    read_at,
-    sha,
-    verify_at,
-    wait_until,
-    write_at,
-)
-from mirror_log import MAGIC, read_disk_log
+from support.daemon import Daemon
+from support.data import assert_bytes, make_image, pattern, read_at, sha, verify_at, write_at
+from support.oracles import MAGIC, read_disk_log
+from support.system import Io, fsck_clean, mkfs_ext4, wait_until
 
 MiB = 1 << 20
 SECTOR = 512

@@ -25,16 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (
-    Daemon,
-    make_image,
-    pattern,
-    read_at,
-    run_dmuser,
-    sha,
-    verify_at,
-    write_at,
-)
+from support.daemon import Daemon, run_dmuser
+from support.data import make_image, pattern, read_at, sha, verify_at, write_at
+from support.system import fsck_clean, mkfs_ext4
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -105,15 +98,7 @@ def wait_merged(d: Daemon, name: str, timeout: float = 60) -> None:
 
 
 def mkfs(dev: Path) -> None:
-    res = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-b", "4096", str(dev)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-
-
-def fsck_clean(dev: Path) -> None:
-    res = subprocess.run(["e2fsck", "-fn", str(dev)], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, f"e2fsck -fn {dev}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    mkfs_ext4(dev, "-b", "4096")
 
 
 def write_files(root: Path, tag: str, names: list[str], size: int = 300 * KiB) -> dict[str, str]:

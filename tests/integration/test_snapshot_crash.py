@@ -47,16 +47,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    Daemon,
-    DaemonFactory,
-    detach_loop,
-    loops_under,
-    make_image,
-    run_dmuser,
-    umount,
-    wait_until,
-)
+from support.daemon import Daemon, DaemonFactory, run_dmuser
+from support.data import make_image
+from support.system import detach_loop, loops_under, umount, wait_until
 
 MiB = 1 << 20
 SECTOR = 512

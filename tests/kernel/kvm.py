@@ -1,7 +1,8 @@
 """Run the real kernel's device-mapper on image files: a thin wrapper of ``kvm-dm``.
 
-``kvm-dm GUEST_SCRIPT IMAGE...`` (``<repo>/../shared/tools/kvm-dm``: CI clones
-the repository with ``shared/`` beside it) boots a Debian kernel in QEMU with
+``kvm-dm GUEST_SCRIPT IMAGE...`` (``$DMUSER_KVM_DM``, else
+``<repo>/../shared/tools/kvm-dm``: CI clones the repository with ``shared/``
+beside it) boots a Debian kernel in QEMU with
 the images as ``/dev/vda``, ``/dev/vdb``... and runs the script as root
 inside; the script's output is the tool's stdout, its exit status the tool's
 (125: the VM failed before reporting one).  The first run builds a kernel +
@@ -26,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
-#: where CI (and the development checkout) keeps the tool: shared/ beside the repo
-#: (``DMUSER_KVM_DM`` overrides it)
+REPO = Path(__file__).resolve().parents[2]
+#: ``$DMUSER_KVM_DM`` when set, else where CI (and the development checkout) keeps the
+#: tool: ``shared/tools/kvm-dm`` beside the repository
+TOOL_FROM_ENV = bool(os.environ.get("DMUSER_KVM_DM"))
 TOOL = Path(os.environ.get("DMUSER_KVM_DM") or REPO.parent / "shared" / "tools" / "kvm-dm")
 
 #: the VM is killed after this long (the tool's own watchdog)
@@ -82,7 +84,9 @@ class KvmResult:
 def tool() -> Path:
     """The kvm-dm executable, or KvmUnavailable."""
     if not TOOL.is_file():
-        raise KvmUnavailable(f"kvm-dm not found at {TOOL} (expected shared/ beside the repo)")
+        hint = "set by $DMUSER_KVM_DM" if TOOL_FROM_ENV else \
+            "shared/tools/kvm-dm beside the repository; $DMUSER_KVM_DM is not set"
+        raise KvmUnavailable(f"kvm-dm not found at {TOOL} ({hint})")
     if not os.access(TOOL, os.X_OK):
         raise KvmUnavailable(f"{TOOL} is not executable")
     return TOOL

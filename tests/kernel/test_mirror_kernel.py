@@ -14,9 +14,9 @@
 To read an exact first in-sync count, the resync is held back at its first
 copy: the mirror is created while its source leg (a linear device) is
 suspended, in the guest as in dmuser.  Logs are decoded on the host with
-``mirror_log.py`` (written from dm-spec §5.5, independent of ``targets/dirtylog``).
-(That a clean kernel-written log is read exactly is a unit vector test:
-tests/unit/test_mirror_vectors.py.)
+``support/oracles.py`` (written from dm-spec §5.5, independent of
+``dmuser.targets.mirror.log``).  (That a clean kernel-written log is read exactly is
+a unit vector test: tests/unit/targets/mirror/test_kernel_vectors.py.)
 """
 
 from __future__ import annotations
@@ -27,17 +27,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import (
-    Daemon,
-    DaemonFactory,
-    make_image,
-    pattern,
-    read_at,
-    sha,
-    wait_until,
-    write_at,
-)
-from mirror_log import MAGIC, differing_regions, read_disk_log
+from support.daemon import Daemon, DaemonFactory
+from support.data import make_image, pattern, read_at, sha, write_at
+from support.oracles import MAGIC, differing_regions, read_disk_log
+from support.system import wait_until
 
 MiB = 1 << 20
 SECTOR = 512

@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, make_image, pattern, run_dmuser, sha, write_at
+from support.daemon import Daemon, run_dmuser
+from support.data import make_image, pattern, sha, write_at
 
 MiB = 1 << 20
 SECTOR = 512

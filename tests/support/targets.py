@@ -1,4 +1,7 @@
-"""The target types tests build tables with: the daemon's built-in list, plus a probe.
+"""Tables and managers for in-process tests: the daemon's built-in target types plus a
+probe (:data:`TYPES`), :func:`make_manager`, :class:`DictResolver` (tables over a
+dict of devices, with reference counts), :func:`remove_all_checked`, and a persistent
+snapshot exception store on in-memory devices (:func:`new_store`, :func:`commit_one`).
 
 ``unit-probe`` is a test-only target:
 
@@ -20,8 +23,13 @@ from dmuser.core.blockdev import BlockDevice
 from dmuser.core.config import Config
 from dmuser.core.errors import DmIOError, TargetArgError
 from dmuser.core.manager import DeviceManager
+from dmuser.core.table import Table, parse_table
 from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext, TargetRegistry
 from dmuser.daemon import builtin_targets
+from dmuser.targets.snapshot.store import create_store
+from dmuser.targets.snapshot.store.persistent import PersistentStore
+
+from .fakes import MemDevice
 
 SECTOR = 512
 PROBE = "unit-probe"
@@ -96,8 +104,6 @@ class ProbeTarget(Target):
         self.events.append("resume")
 
 
-
-
 def target_types(*extra: type[Target]) -> TargetRegistry:
     """Every built-in target type, and ``extra`` (test-only targets)."""
     types = builtin_targets()
@@ -114,3 +120,69 @@ def make_manager(mountpoint: str = "", config: Config | None = None,
                  types: TargetRegistry | None = None) -> DeviceManager:
     """A DeviceManager over the built-in types (or ``types``) and ``config``."""
     return DeviceManager(mountpoint, types=types or TYPES, config=config)
+
+
+class DictResolver:
+    """get_device / release_device over a dict of devices, counting references."""
+
+    def __init__(self, devices: dict[str, BlockDevice]) -> None:
+        self.devices = devices
+        self.refs: dict[str, int] = {}
+        self.released: list[BlockDevice] = []
+
+    def get(self, word: str) -> BlockDevice:
+        dev = self.devices[word]  # KeyError -> "Device lookup failed"
+        self.refs[word] = self.refs.get(word, 0) + 1
+        return dev
+
+    def release(self, dev: BlockDevice) -> None:
+        word = next(w for w, d in self.devices.items() if d is dev)
+        self.refs[word] -= 1
+        assert self.refs[word] >= 0, f"{word} released more often than acquired"
+        self.released.append(dev)
+
+    def outstanding(self) -> int:
+        return sum(self.refs.values())
+
+    async def build(self, text: str, md_name: str = "t") -> Table:
+        return await Table.build(md_name, parse_table(text), self.get, self.release, types=TYPES)
+
+
+async def remove_all_checked(manager: DeviceManager) -> None:
+    """Remove every device, users first, and check nothing is left open.
+
+    Unlike ``DeviceManager.remove_all`` this cannot spin forever when holder
+    counts leaked: it fails instead.
+    """
+    for _ in range(len(manager.devices) + 1):
+        free = [md.name for md in manager if not md.holders]
+        if not free:
+            break
+        for name in free:
+            manager.get(name).open_count = 0
+            await manager.remove(name, force=True)
+    left = {md.name: md.holders for md in manager}
+    assert not left, f"devices left with holders (leaked holder counts?): {left}"
+    assert manager._backing == {}, f"backing devices left open: {manager._backing}"
+
+
+async def new_store(cow_sectors: int = 4096, cs: int = 8, word: str = "P",
+                    cow: MemDevice | None = None,
+                    ) -> tuple[PersistentStore, MemDevice, dict[int, int]]:
+    """A persistent store (``word``, chunk size ``cs``) on ``cow`` (or a new zeroed COW
+    device of ``cow_sectors``), activated: (store, COW device, the exceptions loaded)."""
+    cow = cow or MemDevice(cow_sectors, "cow")
+    origin = MemDevice(1 << 16, "origin")
+    store = create_store([word, str(cs)], cow, origin)
+    assert isinstance(store, PersistentStore)
+    loaded: dict[int, int] = {}
+    store.loaded_valid = await store.read_metadata(loaded.__setitem__)  # type: ignore[attr-defined]
+    return store, cow, loaded
+
+
+async def commit_one(store: PersistentStore, old: int) -> int:
+    """Allocate and commit one exception for origin chunk ``old``; its COW chunk."""
+    new = store.prepare_exception()
+    done = await store.commit_exception(old, new, True, old)
+    assert done == [(old, True)]
+    return new

@@ -127,6 +127,13 @@ def test_the_checker_sees_the_tree() -> None:
             "dmuser.daemon"} <= names
 
 
+def test_the_oracles_import_nothing_of_dmuser() -> None:
+    """``tests/support/oracles.py`` reads the on-disk formats to check dmuser's code: it may
+    not share any of it (dmuser.formats, the stores, the logs), so it imports no dmuser."""
+    support = REPO / "tests" / "support"
+    assert imports_of(support / "oracles.py", {support: "support"}) == []
+
+
 @pytest.mark.parametrize("module,text,expected", [
     ("dmuser/core/table.py", "from dmuser.services.kcopyd import KcopydClient\n",
      "the dmuser.core layer may import only"),
