@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shutdown", help="stop the daemon (drain, flush, unmount)")
     _add_socket(p)
 
-    sub.add_parser("demo", help="run the end-to-end demo on temporary images")
+    p = sub.add_parser("demo", help="run the end-to-end demo on temporary images")
+    p.add_argument("--no-loop", action="store_true",
+                   help="no loop devices and kernel mounts (as without root): the file "
+                        "systems are reached with debugfs on the device files")
 
     p = sub.add_parser("cow", help="inspect or check a persistent snapshot COW device offline",
                        add_help=False)
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "demo":
         from dmuser import demo
 
-        return demo.main()
+        return demo.main(no_loop=args.no_loop)
     sock = args.socket or paths.default_socket()
     where = " ".join(filter(None, [args.verb, getattr(args, "name", None)]))
     if getattr(args, "watch", False):
