@@ -42,6 +42,8 @@ from dmuser.core.errors import DmError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.target import TargetRegistry
 from dmuser.fuse_ops import DeviceFS
+from dmuser.targets.delay import DelayTarget
+from dmuser.targets.dust import DustTarget
 from dmuser.targets.error import ErrorTarget
 from dmuser.targets.flakey import FlakeyTarget
 from dmuser.targets.linear import LinearTarget
@@ -64,7 +66,7 @@ def builtin_targets() -> TargetRegistry:
     """Every target type a dmuser daemon serves: the one list of them."""
     return TargetRegistry(LinearTarget, ZeroTarget, ErrorTarget, FlakeyTarget,
                           SnapshotOriginTarget, SnapshotTarget, SnapshotMergeTarget,
-                          MirrorTarget)
+                          MirrorTarget, DelayTarget, DustTarget)
 
 
 def _set_io_flusher() -> None:

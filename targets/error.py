@@ -1,8 +1,16 @@
-"""error: every bio that reaches the target fails with EIO (dm-spec §2.3).
+"""error: every bio that reaches the target fails with EIO (dm-spec §2.3, dm-target.c).
 
-Any number of arguments is accepted; exactly two are validated as
-``<dev> <offset>`` like linear.  Empty flushes succeed (0 flush bios).  Status
-and table parameters are empty, whatever was given.
+Arguments are those of the kernel's ``io_err_ctr`` (error target 1.7): exactly
+two words are ``<dev> <start>`` as for linear (the newer kernels' form, which
+lets an error target stand in for a zoned device), checked in the kernel's
+order: the start ("Invalid device sector"), then the device ("Device lookup
+failed"); the device range must fit the device like linear's.  Any other
+number of words, none included, is accepted and ignored.  (Kernel 6.1, error
+1.5, ignores every argument, so it also loads ``error /dev/vda x``.)
+
+Empty flushes succeed (0 flush bios); discards reach the target and fail
+(1 discard bio).  Status and table parameters are empty, whatever was given:
+the kernel's error target has no status method.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ class ErrorTarget(Target):
         self.dev_range: DeviceRange | None = None
         if len(args) == 2:
             offset = parse_sector(args[1], "Invalid device sector")
-            self.dev_range = DeviceRange(ti.get_device(args[0]), offset, ti.len)
+            dev = ti.get_device(args[0], "Device lookup failed")
+            self.dev_range = DeviceRange(dev, offset, ti.len)
 
     async def map(self, bio: Bio) -> None:
         raise DmIOError(f"{self.ti.md_name}: error target at sector {bio.sector}")
