@@ -1,7 +1,10 @@
 """``dmuser``: the daemon and a dmsetup-like command line.
 
-Every verb except ``serve`` talks to the daemon over its control socket
-(``--socket``, ``$DMUSER_SOCKET``, or the default from ``paths.py``).
+Every verb except ``serve``, ``demo`` and ``cow`` talks to the daemon through
+:class:`dmuser.Client` (``--socket``, ``$DMUSER_SOCKET``, or the default from
+``paths.py``): the typed methods for the verbs that change state, ``wait`` and
+``message``; ``Client.call`` for the reporting verbs, whose text the daemon
+formats as dmsetup does.  ``wait`` exits 1 on timeout and 130 on Ctrl-C.
 Exit status: 0 on success, 1 when the command failed (the message is printed
 to stderr, prefixed ``dmuser: VERB NAME:``), 2 for bad command-line usage.
 """
@@ -17,6 +20,7 @@ import sys
 from typing import Any
 
 from dmuser import client, paths
+from dmuser.client import Client
 from dmuser.core.config import Config
 from dmuser.core.errors import DmError
 
@@ -33,6 +37,22 @@ def _add_table_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("table_file", nargs="?", metavar="TABLE_FILE",
                    help="file holding the table; '-' or absent with --table absent: stdin")
     p.add_argument("--table", metavar="TABLE", help=TABLE_HELP)
+
+
+def _uint(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not an event number: {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("sector")
     p.add_argument("message", nargs="*")
+    _add_socket(p)
+
+    p = sub.add_parser("wait", help="wait until the device's event number exceeds EVENT_NR")
+    p.add_argument("name")
+    p.add_argument("event_nr", nargs="?", type=_uint, default=0, metavar="EVENT_NR",
+                   help="the event number already seen (default 0; see 'info')")
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="give up (exit status 1) after this long (default: no limit)")
     _add_socket(p)
 
     p = sub.add_parser("shutdown", help="stop the daemon (drain, flush, unmount)")
@@ -210,31 +238,56 @@ def _start_background(args: argparse.Namespace, mountpoint: str, sock: str,
     return 1
 
 
-def _request(args: argparse.Namespace) -> dict[str, Any]:
-    req: dict[str, Any] = {"verb": args.verb, "cwd": os.getcwd()}
-    for key in ("name", "force", "inactive", "uuid", "sector", "message", "noflush"):
-        if getattr(args, key, None) is not None:
-            req[key] = getattr(args, key)
-    if args.verb in ("create", "reload"):
-        req["table"] = _read_table(args)
-    return req
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of a verb sent as it is (``Client.call``): those of the
+    command line's options that the protocol knows."""
+    return {key: getattr(args, key) for key in ("name", "force", "inactive", "uuid", "sector",
+                                                "message", "noflush")
+            if getattr(args, key, None) is not None}
 
 
-def _watch(args: argparse.Namespace, sock: str, where: str) -> int:
+def _watch(c: Client, args: argparse.Namespace) -> int:
     from dmuser.watch import watch
 
     def fetch() -> dict[str, Any]:
-        reply = client.request(sock, _request(args))
-        if not reply.get("ok"):
-            raise DmError(str(reply.get("error")))
-        data: dict[str, Any] = reply.get("data") or {}
+        data: dict[str, Any] = c.call("status", **_fields(args)).data or {}
         return data
 
-    try:
-        return watch(fetch, max(args.interval, 0.05), args.until_complete)
-    except DmError as exc:
-        print(f"dmuser: {where}: {exc}", file=sys.stderr)
-        return 1
+    return watch(fetch, max(args.interval, 0.05), args.until_complete)
+
+
+def _run(c: Client, args: argparse.Namespace) -> int:
+    """One verb through the client; its output on stdout.  Errors propagate."""
+    verb = args.verb
+    if verb == "create":
+        c.create(args.name, _read_table(args), uuid=args.uuid)
+    elif verb == "reload":
+        c.reload(args.name, _read_table(args) or "")
+    elif verb == "remove":
+        c.remove(args.name, force=args.force)
+    elif verb == "suspend":
+        c.suspend(args.name, noflush=args.noflush)
+    elif verb in ("resume", "clear"):
+        getattr(c, verb)(args.name)
+    elif verb == "shutdown":
+        c.shutdown()
+    elif verb == "message":
+        answer = c.message(args.name, args.sector, args.message)
+        sys.stdout.write(answer + "\n" if answer else "")
+    elif verb == "wait":
+        try:
+            c.wait(args.name, args.event_nr, timeout=args.timeout)
+        except KeyboardInterrupt:
+            return 130
+    elif getattr(args, "watch", False):
+        return _watch(c, args)
+    else:  # ls, table, status, info, targets: the daemon's dmsetup-format text
+        reply = c.call(verb, **_fields(args))
+        if getattr(args, "json", False):
+            print(json.dumps(reply.data, indent=2))
+        else:
+            sys.stdout.write(reply.output)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,20 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         from dmuser import demo
 
         return demo.main(no_loop=args.no_loop)
-    sock = args.socket or paths.default_socket()
     where = " ".join(filter(None, [args.verb, getattr(args, "name", None)]))
-    if getattr(args, "watch", False):
-        return _watch(args, sock, where)
     try:
-        reply = client.request(sock, _request(args))
+        return _run(Client(args.socket), args)
     except DmError as exc:
         print(f"dmuser: {where}: {exc}", file=sys.stderr)
         return 1
-    if not reply.get("ok"):
-        print(f"dmuser: {where}: {reply.get('error')}", file=sys.stderr)
-        return 1
-    if getattr(args, "json", False):
-        print(json.dumps(reply.get("data"), indent=2))
-    else:
-        sys.stdout.write(reply.get("output", ""))
-    return 0

@@ -1,41 +1,85 @@
-"""The CLI side of the control socket: one JSON request, one JSON reply.
+"""The synchronous client of the control socket: :class:`Client`, and the wire.
 
 Protocol (``docs/control-protocol.md``): the client connects to the Unix
 socket, sends one JSON object terminated by a newline (``{"verb": ..., ...}``),
 and reads one JSON object back: ``{"ok": true, "output": str, "data": ...}`` or
 ``{"ok": false, "errno": int, "error": str}``.
+
+:func:`request` moves one request and one reply; every failure on the way
+is a one-line :class:`~dmuser.errors.DmuserError` (no daemon, permission
+denied, socket path too long, the daemon went away, a reply that is not
+one).  :class:`Client` puts the verbs on top: typed results, and error
+replies raised as the exception their errno names (``dmuser.errors``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
-from dmuser.core.errors import DmError
+from dmuser import calls, paths
+from dmuser.calls import DaemonInfo, Reply, Table
+from dmuser.errors import ConnectionFailed, DaemonNotRunning, ProtocolError
+from dmuser.status import DeviceInfo, TableLine, TargetStatus
 
+__all__ = ["Client", "DaemonNotRunning", "check_socket_path", "ping", "request"]
 
-class DaemonNotRunning(DmError):
-    pass
-
+R = TypeVar("R")
 
 #: sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH_BYTES = 107
 
 
 def check_socket_path(sock_path: str) -> None:
-    """Raise DmError if ``sock_path`` cannot be a Unix socket address."""
+    """Raise ConnectionFailed (a DmError) if ``sock_path`` cannot be a Unix socket address."""
     n = len(os.fsencode(sock_path))
     if n > MAX_SOCKET_PATH_BYTES:
-        raise DmError(f"socket path too long ({n} bytes; a Unix socket path holds at most "
-                      f"{MAX_SOCKET_PATH_BYTES}): {sock_path}")
+        raise ConnectionFailed(f"socket path too long ({n} bytes; a Unix socket path holds at "
+                               f"most {MAX_SOCKET_PATH_BYTES}): {sock_path}", errno.ENAMETOOLONG)
+
+
+def connect_error(exc: OSError, sock_path: str) -> ConnectionFailed:
+    """The one-line error for a failed connect."""
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return DaemonNotRunning(f"no dmuser daemon is listening on {sock_path} "
+                                f"({exc.strerror}); start one with 'dmuser serve'")
+    if isinstance(exc, PermissionError):
+        return ConnectionFailed(f"cannot connect to {sock_path}: permission denied "
+                                "(the daemon runs as root?)", errno.EACCES)
+    return ConnectionFailed(f"cannot connect to {sock_path}: {exc.strerror or exc}")
+
+
+def gone_error(exc: OSError, sock_path: str) -> ConnectionFailed:
+    return ConnectionFailed(f"the daemon on {sock_path} went away: {exc.strerror or exc}",
+                            errno.ECONNRESET)
+
+
+def timeout_error(sock_path: str, timeout: float | None) -> ConnectionFailed:
+    return ConnectionFailed(f"no reply from the daemon on {sock_path} within {timeout} s",
+                            errno.ETIMEDOUT)
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """The reply object in ``raw`` (everything the daemon sent), or a ProtocolError."""
+    if not raw:
+        raise ProtocolError("the daemon closed the connection without a reply")
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise ProtocolError(f"the daemon sent a reply that is not JSON: {raw[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"the daemon sent a reply that is not an object: {raw[:80]!r}")
+    return reply
 
 
 def request(sock_path: str, req: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Send ``req``; return the reply.
+    """Send ``req``; return the reply (error replies too: the caller looks at ``ok``).
 
-    Every failure is a DmError with a one-line message: DaemonNotRunning if
+    Every failure is a DmuserError with a one-line message: DaemonNotRunning if
     nobody listens, otherwise what went wrong with the socket or the reply.
     """
     check_socket_path(sock_path)
@@ -44,14 +88,10 @@ def request(sock_path: str, req: dict[str, Any], timeout: float | None = None) -
     try:
         try:
             s.connect(sock_path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonNotRunning(f"no dmuser daemon is listening on {sock_path} "
-                                   f"({exc.strerror}); start one with 'dmuser serve'") from None
-        except PermissionError:
-            raise DmError(f"cannot connect to {sock_path}: permission denied "
-                          "(the daemon runs as root?)") from None
+        except TimeoutError:
+            raise timeout_error(sock_path, timeout) from None
         except OSError as exc:
-            raise DmError(f"cannot connect to {sock_path}: {exc.strerror or exc}") from None
+            raise connect_error(exc, sock_path) from None
         try:
             s.sendall(json.dumps(req).encode() + b"\n")
             chunks = []
@@ -61,28 +101,127 @@ def request(sock_path: str, req: dict[str, Any], timeout: float | None = None) -
                     break
                 chunks.append(data)
         except TimeoutError:
-            raise DmError(f"no reply from the daemon on {sock_path} within {timeout} s") from None
+            raise timeout_error(sock_path, timeout) from None
         except OSError as exc:
-            raise DmError(f"the daemon on {sock_path} went away: "
-                          f"{exc.strerror or exc}") from None
+            raise gone_error(exc, sock_path) from None
     finally:
         s.close()
-    raw = b"".join(chunks)
-    if not raw:
-        raise DmError("the daemon closed the connection without a reply")
-    try:
-        reply = json.loads(raw)
-    except ValueError:
-        raise DmError(f"the daemon sent a reply that is not JSON: {raw[:80]!r}") from None
-    if not isinstance(reply, dict):
-        raise DmError(f"the daemon sent a reply that is not an object: {raw[:80]!r}")
-    return reply
+    return decode_reply(b"".join(chunks))
 
 
 def ping(sock_path: str) -> dict[str, Any] | None:
     """The daemon's ping reply, or None if no daemon answers on ``sock_path``."""
     try:
         reply = request(sock_path, {"verb": "ping"}, timeout=5)
-    except (DmError, OSError, ValueError):
+    except (ConnectionFailed, OSError, ValueError):
         return None
     return reply if reply.get("ok") else None
+
+
+class Client:
+    """A connection-per-call client of one daemon, for scripts and test suites.
+
+    ``socket`` defaults as the CLI's (``$DMUSER_SOCKET``, else ``paths.py``);
+    ``timeout`` (seconds, default none) bounds each reply, except ``wait``,
+    which gets its own timeout plus that much.  Relative paths in tables are
+    taken from the caller's working directory at the time of the call, as on
+    the command line.  Every method raises a
+    :class:`~dmuser.errors.DmuserError` subclass on failure, e.g.
+    :class:`~dmuser.errors.NoSuchDevice` for an unknown name.
+
+    >>> c = Client("/run/dmuser.sock")                 # doctest: +SKIP
+    >>> path = c.create("lin", "0 2048 linear /srv/disk.img 0")  # doctest: +SKIP
+    >>> c.info("lin").nr_sectors                       # doctest: +SKIP
+    2048
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = None) -> None:
+        self.socket = os.fspath(socket) if socket is not None else paths.default_socket()
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket!r})"
+
+    def _run(self, call: calls.Call[R]) -> R:
+        timeout = call.timeout if call.timeout is not None or call.unbounded else self.timeout
+        return calls.finish(call, request(self.socket, call.request, timeout))
+
+    def call(self, verb: str, **fields: Any) -> Reply:
+        """Any verb with the given request fields; the reply's text and data, as the
+        CLI prints them.  Error replies raise, as for the typed methods."""
+        return self._run(calls.raw(verb, **fields))
+
+    def create(self, name: str, table: Table | None = None, *, uuid: str = "") -> str:
+        """Create ``name``, load ``table`` (a string of lines, or a sequence of lines)
+        and activate it; without a table the device is created empty (``--notable``).
+        Returns the device's file on the mount."""
+        return self._run(calls.create(name, table, uuid))
+
+    def reload(self, name: str, table: Table) -> None:
+        """Load ``table`` as the inactive table; :meth:`resume` makes it live."""
+        self._run(calls.reload(name, table))
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        """Hold new I/O and drain I/O in flight; ``noflush`` lets targets requeue."""
+        self._run(calls.simple("suspend", name, noflush=noflush))
+
+    def resume(self, name: str) -> None:
+        """Swap in the inactive table, if any, and release held I/O."""
+        self._run(calls.simple("resume", name))
+
+    def clear(self, name: str) -> None:
+        """Drop the inactive table."""
+        self._run(calls.simple("clear", name))
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        """Remove the device; ``force`` removes it while open (its I/O then fails)."""
+        self._run(calls.simple("remove", name, force=force))
+
+    def message(self, name: str, sector: int | str, message: str | Sequence[str]) -> str:
+        """Send a target message (a string is split into words); the target's answer."""
+        words = message.split() if isinstance(message, str) else message
+        return self._run(calls.message(name, sector, words))
+
+    def status(self, name: str, *, inactive: bool = False) -> list[TargetStatus]:
+        """The typed status of each target of the device (``dmuser.status``)."""
+        return self._run(calls.status(name, inactive))
+
+    def status_all(self, *, inactive: bool = False) -> dict[str, list[TargetStatus]]:
+        """:meth:`status` of every device, by name."""
+        return self._run(calls.status_all(inactive))
+
+    def table(self, name: str, *, inactive: bool = False) -> list[TableLine]:
+        """The typed table lines of the live (or inactive) table; ``[]`` if absent."""
+        return self._run(calls.table(name, inactive))
+
+    def info(self, name: str) -> DeviceInfo:
+        """The device's state (``dmsetup info``)."""
+        return self._run(calls.info(name))
+
+    def info_all(self) -> list[DeviceInfo]:
+        """:meth:`info` of every device, sorted by name."""
+        return self._run(calls.info_all())
+
+    def ls(self) -> dict[str, str]:
+        """Every device: name -> its file on the mount."""
+        return self._run(calls.ls())
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        """The target types the daemon serves and their versions."""
+        return self._run(calls.targets())
+
+    def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> int:
+        """Block until the device's event number exceeds ``event_nr`` (``dmsetup wait``);
+        return the new number.  Pass ``info(name).event_nr`` to wait for the next
+        event.  Raises WaitTimeout after ``timeout`` seconds, NoSuchDevice if the
+        device is removed meanwhile.  Holds no lock in the daemon."""
+        return self._run(calls.wait(name, event_nr, timeout, self.timeout))
+
+    def shutdown(self) -> None:
+        """Ask the daemon to drain, flush, remove every device and exit; returns at once."""
+        self._run(calls.shutdown())
+
+    def ping(self) -> DaemonInfo:
+        """The daemon's pid and mountpoint; raises DaemonNotRunning if none answers."""
+        return self._run(calls.ping())

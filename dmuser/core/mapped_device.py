@@ -73,6 +73,7 @@ class MappedDevice(BlockDevice):
         self._state_lock = trio.Lock()
         self._noflush = False
         self._event = trio.Event()
+        self._closed = False         # close() ran: the device left the namespace
 
     def __repr__(self) -> str:
         return f"MappedDevice({self.name!r})"
@@ -254,6 +255,8 @@ class MappedDevice(BlockDevice):
             self.live = self.inactive = None
             self._suspended = False
             self._resumed.set()  # waiters wake and find no table: ENXIO
+            self._closed = True
+            self._event.set()    # event waiters wake and find the device gone: ENXIO
 
     # -- events -------------------------------------------------------------------------
 
@@ -264,8 +267,14 @@ class MappedDevice(BlockDevice):
         self._event = trio.Event()
 
     async def wait_event(self, after: int) -> int:
-        """Wait until ``event_nr`` exceeds ``after`` (``dmsetup wait``); return it."""
+        """Wait until ``event_nr`` exceeds ``after`` (``dmsetup wait``); return it.
+
+        Takes no lock.  If the device is closed (removed, or the daemon shuts
+        down) first, raises NoSuchDeviceError instead of waiting forever.
+        """
         while self.event_nr <= after:
+            if self._closed:
+                raise NoSuchDeviceError(f"Device {self.name} was removed.")
             await self._event.wait()
         return self.event_nr
 

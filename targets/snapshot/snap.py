@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -103,8 +104,10 @@ class Snapshot:
 
     def __init__(self, md_name: str, dev_end: int, origin: BlockDevice, cow: BlockDevice,
                  store: ExceptionStore, service: Service, *, is_merge: bool,
-                 cow_threshold: int) -> None:
+                 cow_threshold: int, table_event: Callable[[], None] | None = None) -> None:
         self.md_name = md_name
+        #: dm_table_event of the snapshot's device: raised when it becomes invalid
+        self.table_event = table_event
         #: origin writes at or beyond this sector do not concern this snapshot
         self.dev_end = dev_end
         self.origin, self.cow, self.store, self.service = origin, cow, store, service
@@ -257,6 +260,8 @@ class Snapshot:
         elif reason == errno.ENOMEM:
             log.error("Invalidating snapshot: Unable to allocate exception.")
         self.valid = False
+        if self.table_event is not None:  # as __invalidate_snapshot: 'dmsetup wait' wakes
+            self.table_event()
         dropped = self._dropped = trio.Event()
 
         async def drop() -> None:

@@ -90,7 +90,8 @@ class SnapshotTarget(Target):
                           ti.config.snapshot_copy_pool_pages)
         self.snap = Snapshot(ti.md_name, ti.begin + ti.len, origin, cow, store, service,
                              is_merge=self.is_merge,
-                             cow_threshold=ti.config.snapshot_cow_threshold)
+                             cow_threshold=ti.config.snapshot_cow_threshold,
+                             table_event=ti.table_event)
         self._check_merge_ctr()
         handover.register_snapshot(self.snap)
 

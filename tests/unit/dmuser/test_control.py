@@ -171,3 +171,43 @@ async def test_targets_and_ping(mgr: DeviceManager) -> None:
     assert reply.data["error"] == [1, 7, 0]
     assert "linear           v1.5.0\n" in reply.output
     assert "pid" in (await run(mgr, "ping")).data
+
+
+# -- wait ---------------------------------------------------------------------------------
+
+
+async def test_wait_returns_on_an_event_times_out_and_ends_on_removal(
+        mgr: DeviceManager) -> None:
+    import trio
+
+    await run(mgr, "create", name="w", table="0 8 zero")
+    md = mgr.get("w")
+    md.table_event()
+    assert (await run(mgr, "wait", name="w")).data == {"event_nr": 1}  # 1 > 0: at once
+    with pytest.raises(DmError, match="Timed out after 0.05 s") as e:
+        await run(mgr, "wait", name="w", event_nr=1, timeout=0.05)
+    assert e.value.errno == errno.ETIMEDOUT
+    for bad in ({"event_nr": "x"}, {"event_nr": -1}, {"timeout": -1}, {"timeout": "1"}):
+        with pytest.raises(TableError):
+            await run(mgr, "wait", name="w", **bad)
+
+    results: list[object] = []
+
+    async def waiter(after: int) -> None:
+        try:
+            results.append((await run(mgr, "wait", name="w", event_nr=after)).data)
+        except DmError as exc:
+            results.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == []
+        md.table_event()
+    assert results == [{"event_nr": 2}]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        await run(mgr, "remove", name="w")  # takes no lock the waiter holds
+    assert isinstance(results[-1], NoSuchDeviceError)
+    assert str(results[-1]) == "Device w was removed."
