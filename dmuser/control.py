@@ -9,16 +9,21 @@ turns them into error replies (``daemon.py``).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from dmuser.core.args import parse_uint
 from dmuser.core.errors import DmError, TableError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.target import StatusType
+from dmuser.nbd_server import server_for
 
 
 @dataclass
@@ -92,7 +97,32 @@ async def ls(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     if not devices:
         return Reply("No devices found\n", [])
     return Reply(_lines([f"{md.name}\t({md.path})" for md in devices]),
-                 [{"name": md.name, "path": md.path} for md in devices])
+                 [{"name": md.name, "path": md.path, **_exports(mgr, md)} for md in devices])
+
+
+def _exports(mgr: DeviceManager, md: MappedDevice) -> dict[str, Any]:
+    """``{"exports": [...]}`` when ``md`` is exported over NBD, else ``{}``."""
+    try:
+        found = server_for(mgr).exports_of(md.name)
+    except DmError:
+        return {}
+    return {"exports": found} if found else {}
+
+
+@verb("export")
+async def export(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    """Serve device ``name`` over NBD on ``address`` (``nbd_server.py``)."""
+    found = await server_for(mgr).export(
+        req["name"], req["address"], cwd=req.get("cwd", "/"),
+        read_only=bool(req.get("read_only")), insecure=bool(req.get("insecure")),
+        export_name=req.get("export_name"))
+    return Reply(found["uri"] + "\n", found)
+
+
+@verb("unexport")
+async def unexport(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    await server_for(mgr).unexport(req["name"], req.get("address"))
+    return Reply()
 
 
 def _table_verb(kind: StatusType) -> Verb:
@@ -120,7 +150,7 @@ VERBS["table"] = _table_verb(StatusType.TABLE)
 VERBS["status"] = _table_verb(StatusType.INFO)
 
 
-def format_info(md: MappedDevice) -> str:
+def format_info(md: MappedDevice, exports: Sequence[dict[str, Any]] = ()) -> str:
     i = md.info()
     tables = " & ".join(t for t, present in (("LIVE", i.live), ("INACTIVE", i.inactive))
                         if present) or "None"
@@ -134,6 +164,8 @@ def format_info(md: MappedDevice) -> str:
             ("File", i.path)]
     if i.uuid:
         rows.append(("UUID", i.uuid))
+    for exp in exports:
+        rows.append(("NBD export", exp["uri"] + (" (read-only)" if exp["read_only"] else "")))
     return _lines([f"{k + ':':<19}{v}" for k, v in rows])
 
 
@@ -142,8 +174,10 @@ async def info(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     devices = _devices(mgr, req)
     if not devices:
         return Reply("No devices found\n", [])
-    return Reply("\n".join(format_info(md) for md in devices),
-                 [dataclasses.asdict(md.info()) for md in devices])
+    exports = {md.name: _exports(mgr, md) for md in devices}
+    return Reply("\n".join(format_info(md, exports[md.name].get("exports", []))
+                           for md in devices),
+                 [{**dataclasses.asdict(md.info()), **exports[md.name]} for md in devices])
 
 
 @verb("message")
@@ -159,6 +193,29 @@ async def message(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
         raise TableError("Target message sector outside device.")
     result = await md.live.target_at(sector).message(words)
     return Reply(result + "\n" if result else "")
+
+
+@verb("wait")
+async def wait(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    """``dmsetup wait NAME [EVENT_NR]``: until the device's event number exceeds
+    ``event_nr`` (default 0), at most ``timeout`` seconds (default: no limit).
+
+    Holds no lock while it waits; ends with ENXIO when the device is removed
+    (also by the daemon's shutdown) and ETIMEDOUT after the timeout.
+    """
+    md = mgr.get(req["name"])
+    after = parse_uint(str(req.get("event_nr", 0)))
+    if after is None:
+        raise TableError(f"Invalid event number {req.get('event_nr')!r}.")
+    timeout = req.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise TableError(f"Invalid timeout {timeout!r}.")
+    with trio.move_on_after(math.inf if timeout is None else float(timeout)):
+        nr = await md.wait_event(after)
+        return Reply(data={"event_nr": nr})
+    raise DmError(f"Timed out after {timeout} s waiting for an event on {md.name} "
+                  f"(event number {md.event_nr}).", errno.ETIMEDOUT)
 
 
 @verb("targets")

@@ -42,6 +42,7 @@ from dmuser.core.errors import DmError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.target import TargetRegistry
 from dmuser.fuse_ops import DeviceFS
+from dmuser.nbd_server import NbdServer
 from dmuser.targets.delay import DelayTarget
 from dmuser.targets.dust import DustTarget
 from dmuser.targets.error import ErrorTarget
@@ -56,6 +57,17 @@ log = logging.getLogger(__name__)
 _PR_SET_IO_FLUSHER = 57
 MAX_REQUEST_BYTES = 16 << 20
 NAMESPACE_VERBS = frozenset({"create", "reload", "clear", "remove"})
+
+
+def _is_wait(raw: bytes) -> bool:
+    """True if ``raw`` is a well-formed ``wait`` request (parsed again by ``_answer``)."""
+    if b'"wait"' not in raw:
+        return False
+    try:
+        req = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(req, dict) and req.get("verb") == "wait"
 
 
 class StartupError(DmError):
@@ -123,6 +135,7 @@ class Daemon:
         self.config = config or Config()
         self.manager = DeviceManager(self.mountpoint, types=builtin_targets(), config=self.config)
         self.fs = DeviceFS(self.manager)
+        self.nbd = NbdServer(self.manager)
         self._namespace_lock = trio.Lock()
         self._stopping = False
 
@@ -155,6 +168,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(fuse_loop)
+            await nursery.start(self.nbd.run)
             await nursery.start(self._control_server)
             nursery.start_soon(self._signal_watcher)
             log.info("serving %s, control socket %s (pid %d)",
@@ -177,6 +191,8 @@ class Daemon:
             return
         self._stopping = True
         try:
+            # NBD clients first: their requests in flight finish before the quiesce
+            await self.nbd.stop()
             async with self._namespace_lock:
                 await self.manager.quiesce_all()
                 await self.manager.remove_all()
@@ -205,11 +221,41 @@ class Daemon:
                 if not data:
                     break
                 buf += data
-            reply = await self._answer(bytes(buf))
+            if _is_wait(bytes(buf)):
+                reply = await self._answer_unless_hangup(stream, bytes(buf))
+                if reply is None:
+                    return
+            else:
+                reply = await self._answer(bytes(buf))
             try:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except trio.BrokenResourceError:
                 log.info("control client went away before the reply")
+
+    async def _answer_unless_hangup(self, stream: trio.SocketStream,
+                                    raw: bytes) -> dict[str, Any] | None:
+        """Answer a ``wait``, but give up (None) as soon as the client closes the
+        connection: a client killed while waiting leaves no task behind.  A wait
+        client must therefore keep its sending side open until the reply."""
+        reply: dict[str, Any] | None = None
+        async with trio.open_nursery() as nursery:
+            async def answer() -> None:
+                nonlocal reply
+                reply = await self._answer(raw)
+                nursery.cancel_scope.cancel()
+
+            async def watch_hangup() -> None:
+                try:
+                    while await stream.receive_some(4096):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                log.info("control client went away during wait")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(answer)
+            nursery.start_soon(watch_hangup)
+        return reply
 
     async def _answer(self, raw: bytes) -> dict[str, Any]:
         try:

@@ -8,6 +8,10 @@ Resolving a table word to a device (``dm_get_device``):
 * a path whose directory is the mountpoint — the mapped device of that name.
 * any other path — an image file or block device, relative paths taken from
   the client's working directory.
+* ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` — a remote
+  NBD export (``nbd_device.py``).  Each such word gets a connection of its
+  own, made (asynchronously) before the table's constructors run, because
+  resolution itself is synchronous; a reload therefore reconnects.
 
 Backing files are opened once and shared (reference counted by identity), and
 a mapped device used by another table counts a holder, which blocks its
@@ -36,6 +40,7 @@ from dmuser.core.errors import (
     TableError,
 )
 from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.nbd_device import NbdDevice, is_nbd_uri, parse_uri
 from dmuser.core.table import Table, TargetServices, parse_table
 from dmuser.core.target import TargetRegistry
 from dmuser.core.units import MAX_DEVICE_SECTORS
@@ -125,11 +130,17 @@ class DeviceManager:
                              f"(directly or through stacked devices)")
         return md
 
-    def resolver(self, cwd: str, for_device: MappedDevice) -> Callable[[str], BlockDevice]:
-        """A ``get_device`` function for building a table of ``for_device``."""
+    def resolver(self, cwd: str, for_device: MappedDevice,
+                 nbd: dict[str, list[NbdDevice]] | None = None) -> Callable[[str], BlockDevice]:
+        """A ``get_device`` function for building a table of ``for_device``; ``nbd``
+        holds the connections :meth:`connect_nbd` made for the table's NBD words."""
 
         def get_device(word: str) -> BlockDevice:
             dev: BlockDevice
+            if is_nbd_uri(word):
+                if not nbd or not nbd.get(word):
+                    raise NoSuchDeviceError(f"{word}: not connected")
+                return nbd[word].pop()
             match = _MAJ_MIN.match(word)
             if match:
                 return self._open_backing(_block_device_path(word))
@@ -167,6 +178,9 @@ class DeviceManager:
         if isinstance(dev, MappedDevice):
             dev.holders -= 1
             return
+        if isinstance(dev, NbdDevice):
+            dev.close()
+            return
         assert isinstance(dev, FileDevice)
         _, count = self._backing[dev.key]
         if count == 1:
@@ -185,8 +199,31 @@ class DeviceManager:
         services = TargetServices(nursery=self.service_nursery, table_event=md.table_event,
                                   noflush_suspending=md.noflush_suspending,
                                   config=self.config, shared=self._shared)
-        return await Table.build(md.name, specs, self.resolver(cwd, md), self.release, services,
-                                 types=self.types)
+        words = [w for spec in specs for w in spec.args if is_nbd_uri(w)]
+        nbd = await self.connect_nbd(words, cwd) if words else None
+        try:
+            return await Table.build(md.name, specs, self.resolver(cwd, md, nbd), self.release,
+                                     services, types=self.types)
+        finally:
+            for unused in (nbd or {}).values():
+                for dev in unused:
+                    dev.close()
+
+    async def connect_nbd(self, words: list[str], cwd: str) -> dict[str, list[NbdDevice]]:
+        """One NBD connection per occurrence of each word; all or nothing."""
+        if self.service_nursery is None:
+            raise DmError("NBD devices need the daemon's service nursery")
+        made: dict[str, list[NbdDevice]] = {}
+        try:
+            for word in words:
+                dev = await NbdDevice.connect(parse_uri(word, cwd), self.service_nursery)
+                made.setdefault(word, []).append(dev)
+        except BaseException:
+            for devs in made.values():
+                for dev in devs:
+                    dev.close()
+            raise
+        return made
 
     # -- verbs that change the namespace ------------------------------------------------
 

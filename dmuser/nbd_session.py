@@ -1,0 +1,274 @@
+"""One NBD connection on the server side: the option haggling, then transmission.
+
+The guarantees are those of ``nbd_server.py`` (where the listeners are): every
+request is a bio submitted to :meth:`MappedDevice.submit`, in a task of its
+own, at most :data:`MAX_IN_FLIGHT` per connection; replies go out whole, one at
+a time, in the order the requests complete.  Stopping a connection
+(:meth:`Conn.stop`) stops reading requests; those in flight finish and are
+answered before the transmission returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.errors import DmError, DmIOError, NotSupportedError
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.nbd_device import recv_exactly, send_all
+from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
+from dmuser.formats import nbd
+from dmuser.rangelock import RangeLock
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64
+_TF = nbd.TransmissionFlag
+#: flush is global (every backing file) and every connection goes through one
+#: MappedDevice, so what one connection flushed is flushed for all: multi-conn is safe
+_FLAGS = (_TF.HAS_FLAGS | _TF.SEND_FLUSH | _TF.SEND_FUA | _TF.SEND_TRIM
+          | _TF.SEND_WRITE_ZEROES | _TF.CAN_MULTI_CONN)
+_WRITES = (nbd.Cmd.WRITE, nbd.Cmd.TRIM, nbd.Cmd.WRITE_ZEROES)
+_CLIENT_FLAGS = nbd.ClientFlag.FIXED_NEWSTYLE | nbd.ClientFlag.NO_ZEROES
+#: how a client that went away or spoke nonsense shows up
+GONE = (OSError, EOFError, nbd.NbdProtocolError, trio.BrokenResourceError,
+        trio.ClosedResourceError)
+
+
+@dataclass(eq=False)
+class Export:
+    device: str
+    name: str
+    read_only: bool
+
+
+@dataclass(eq=False)
+class Conn:
+    export: Export | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stopping: bool = False
+    finished: trio.Event = field(default_factory=trio.Event)
+    #: the client negotiated NBD_OPT_STRUCTURED_REPLY
+    structured: bool = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.scope.cancel()
+
+
+Found = tuple[Export, MappedDevice]
+
+
+async def handshake(sock: trio.socket.SocketType, lookup: Callable[[str], Found | None],
+                    names: Callable[[], list[str]], conn: Conn) -> Found | None:
+    """Fixed newstyle option haggling: the export chosen (``lookup`` of the name the
+    client asked for), or None to hang up.  ``names`` is what NBD_OPT_LIST shows;
+    ``conn.structured`` records NBD_OPT_STRUCTURED_REPLY."""
+    await send_all(sock, nbd.encode_greeting(nbd.HandshakeFlag.FIXED_NEWSTYLE
+                                             | nbd.HandshakeFlag.NO_ZEROES))
+    cflags = nbd.decode_client_flags(await recv_exactly(sock, nbd.CLIENT_FLAGS_SIZE))
+    if not cflags & nbd.ClientFlag.FIXED_NEWSTYLE or cflags & ~_CLIENT_FLAGS:
+        return None  # the protocol: drop a client setting flags we did not offer
+    no_zeroes = bool(cflags & nbd.ClientFlag.NO_ZEROES)
+    while True:
+        opt, length = nbd.decode_option_header(
+            await recv_exactly(sock, nbd.OPTION_HEADER_SIZE))
+        if length > nbd.MAX_OPTION_DATA:
+            raise nbd.NbdProtocolError(f"option {opt} with {length} bytes of data")
+        data = await recv_exactly(sock, length)
+
+        async def reply(kind: int, payload: bytes = b"", opt: int = opt) -> None:
+            await send_all(sock, nbd.encode_option_reply(opt, kind, payload))
+
+        if opt == nbd.Opt.EXPORT_NAME:
+            found = lookup(data.decode(errors="replace"))
+            if found is not None:
+                await send_all(sock, nbd.encode_export_name_reply(
+                    found[1].nr_sectors << SECTOR_SHIFT, _flags(found[0]), no_zeroes))
+            return found  # an unknown name: the protocol says hang up
+        if opt in (nbd.Opt.GO, nbd.Opt.INFO):
+            try:
+                name, _ = nbd.decode_info_request(data)
+            except nbd.NbdProtocolError as exc:
+                await reply(nbd.Rep.ERR_INVALID, str(exc).encode())
+                continue
+            found = lookup(name)
+            if found is None:
+                await reply(nbd.Rep.ERR_UNKNOWN, f"no export named {name!r}".encode())
+                continue
+            await reply(nbd.Rep.INFO, nbd.encode_info_export(
+                found[1].nr_sectors << SECTOR_SHIFT, _flags(found[0])))
+            # sent whether asked for or not (the protocol allows it); unaligned
+            # requests still work (read-modify-write), just slower
+            await reply(nbd.Rep.INFO, nbd.encode_info_block_size(
+                SECTOR_SIZE, 4096, nbd.MAX_PAYLOAD))
+            await reply(nbd.Rep.ACK)
+            if opt == nbd.Opt.GO:
+                return found
+        elif opt == nbd.Opt.ABORT:
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await reply(nbd.Rep.ACK)
+            return None
+        elif opt == nbd.Opt.LIST:
+            if length:
+                await reply(nbd.Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                continue
+            for exp_name in names():
+                await reply(nbd.Rep.SERVER, nbd.encode_server_entry(exp_name))
+            await reply(nbd.Rep.ACK)
+        elif opt == nbd.Opt.STRUCTURED_REPLY:
+            if length:
+                await reply(nbd.Rep.ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+                continue
+            conn.structured = True
+            await reply(nbd.Rep.ACK)
+        else:
+            await reply(nbd.Rep.ERR_UNSUP, f"option {opt} is not supported".encode())
+
+
+def _reply(conn: Conn, req: nbd.Request, error: int,
+           data: bytearray | memoryview | None) -> tuple[bytes | memoryview | bytearray, ...]:
+    """The bytes answering ``req``: a simple reply, or one structured chunk (DONE):
+    OFFSET_DATA for a READ's data, ERROR for an error, NONE otherwise."""
+    if not conn.structured:
+        head = nbd.encode_simple_reply(req.handle, error)
+        return (head, data) if data is not None and not error else (head,)
+    if error:
+        name = nbd.Err(error).name if error in nbd.Err._value2member_map_ else ""
+        return (nbd.encode_error_chunk(req.handle, error, name),)
+    if data is not None and len(data):
+        return nbd.encode_data_chunk_header(req.handle, req.offset, len(data)), data
+    return (nbd.encode_chunk_header(req.handle, nbd.ReplyType.NONE, 0),)
+
+
+async def transmission(sock: trio.socket.SocketType, md: MappedDevice, conn: Conn) -> None:
+    """Read requests until DISC, EOF or :meth:`Conn.stop`; answer each in a task."""
+    assert conn.export is not None
+    exp = conn.export
+    slots = trio.Semaphore(MAX_IN_FLIGHT)
+    send_lock = trio.Lock()
+
+    async def one(req: nbd.Request, payload: bytearray | None) -> None:
+        try:
+            try:
+                error, data = await execute(md, exp, req, payload)
+            except Exception:
+                log.exception("NBD request %s on %s", req, md.name)
+                error, data = nbd.Err.EIO, None
+            async with send_lock:
+                await send_all(sock, *_reply(conn, req, error, data))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.stop()  # the client went away
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as requests:
+        with conn.scope:
+            try:
+                while True:
+                    req = nbd.decode_request(await recv_exactly(sock, nbd.REQUEST_SIZE))
+                    if req.type == nbd.Cmd.DISC:
+                        break
+                    payload = None
+                    if req.type == nbd.Cmd.WRITE:
+                        if req.length > nbd.MAX_PAYLOAD:
+                            raise nbd.NbdProtocolError(f"a write of {req.length} bytes")
+                        payload = await recv_exactly(sock, req.length)
+                    await slots.acquire()
+                    requests.start_soon(one, req, payload)
+            except GONE as exc:  # the requests in flight still finish
+                log.info("NBD client of %s: %s", md.name, exc or type(exc).__name__)
+
+
+def _flags(exp: Export) -> int:
+    return int(_FLAGS | (_TF.READ_ONLY if exp.read_only else 0))
+
+
+async def execute(md: MappedDevice, exp: Export, req: nbd.Request,
+                   payload: bytearray | None) -> tuple[int, bytearray | memoryview | None]:
+    """Run one request on ``md``: (NBD error, data of a READ)."""
+    size = md.nr_sectors << SECTOR_SHIFT
+    off, n, kind = req.offset, req.length, req.type
+    if kind not in (nbd.Cmd.READ, nbd.Cmd.FLUSH, *_WRITES):
+        return nbd.Err.EINVAL, None
+    if kind in _WRITES and exp.read_only:
+        return nbd.Err.EPERM, None
+    if kind != nbd.Cmd.FLUSH and off + n > size:
+        return (nbd.Err.EINVAL if kind == nbd.Cmd.READ else nbd.Err.ENOSPC), None
+    fua = ReqFlag.FUA if req.flags & nbd.CmdFlag.FUA else ReqFlag.NONE
+    try:
+        if kind == nbd.Cmd.READ:
+            if n > nbd.MAX_PAYLOAD:
+                return nbd.Err.EINVAL, None
+            first = off >> SECTOR_SHIFT
+            end = -(-(off + n) // SECTOR_SIZE)  # unaligned reads are widened
+            buf = bytearray((end - first) << SECTOR_SHIFT)
+            if buf:
+                await md.submit(Bio.read(first, buf))
+            skip = off - (first << SECTOR_SHIFT)
+            return 0, memoryview(buf)[skip:skip + n]
+        if kind == nbd.Cmd.FLUSH:
+            await md.submit(Bio.flush())
+        elif kind == nbd.Cmd.TRIM:  # advisory: only the whole sectors inside the range
+            first = -(-off // SECTOR_SIZE)
+            end = (off + n) >> SECTOR_SHIFT
+            if end > first:
+                with contextlib.suppress(NotSupportedError):
+                    await md.submit(Bio(Op.DISCARD, first, end - first, None, fua))
+        elif n:
+            return await _write(md, off, n, payload, fua), None
+        return 0, None
+    except DmIOError as exc:
+        return nbd.error_for(exc.errno), None
+    except DmError as exc:
+        log.warning("NBD %s on %s: %s", nbd.Cmd(kind).name, md.name, exc)
+        return nbd.error_for(exc.errno), None
+
+
+#: per device: writes hold their sectors, so that a read-modify-write of an edge
+#: sector cannot undo a concurrent write to the rest of that sector
+_LOCKS: weakref.WeakKeyDictionary[MappedDevice, RangeLock] = weakref.WeakKeyDictionary()
+
+
+async def _write(md: MappedDevice, off: int, n: int, payload: bytearray | None,
+                 fua: ReqFlag) -> int:
+    """WRITE (``payload``) or WRITE_ZEROES (None) of ``n`` bytes at ``off``: 0 or an NBD error.
+
+    Requests not aligned to sectors come from clients that ignored the block size
+    announced (or never asked, with NBD_OPT_EXPORT_NAME): their edge sectors are
+    read, merged and written back, holding the sectors against the connections'
+    other writes to this device (FUSE writes hold a lock of their own).
+    """
+    first = off >> SECTOR_SHIFT
+    end = -(-(off + n) // SECTOR_SIZE)
+    lock = _LOCKS.setdefault(md, RangeLock())
+    async with lock.hold(first, end):
+        if (off | n) & (SECTOR_SIZE - 1):
+            if payload is None:
+                if n > nbd.MAX_PAYLOAD:
+                    return nbd.Err.EINVAL
+                payload = bytearray(n)
+            view = memoryview(bytearray((end - first) << SECTOR_SHIFT))
+            await md.submit(Bio.read(first, view[:SECTOR_SIZE]))
+            if end - 1 > first:
+                await md.submit(Bio.read(end - 1, view[-SECTOR_SIZE:]))
+            skip = off - (first << SECTOR_SHIFT)
+            view[skip:skip + n] = payload
+            await md.submit(Bio.write(first, view, fua))
+        elif payload is not None:
+            await md.submit(Bio.write(first, payload, fua))
+        else:
+            try:
+                await md.submit(Bio(Op.WRITE_ZEROES, first, end - first, None, fua))
+            except NotSupportedError:
+                zeros = bytes(min(n, 1 << 20))
+                for pos in range(off, off + n, len(zeros)):
+                    await md.submit(Bio.write(pos >> SECTOR_SHIFT,
+                                              zeros[:min(len(zeros), off + n - pos)], fua))
+    return 0

@@ -1,0 +1,137 @@
+"""The NBD client device against scripted servers: URIs, the handshake, and the
+failures a real server can show (going away, lying, refusing)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from dmuser.core.bio import Bio, Op
+from dmuser.core.errors import DmIOError, NoSuchDeviceError
+from dmuser.core.nbd_device import NbdAddress, NbdDevice, parse_uri, recv_exactly, send_all
+from dmuser.formats import nbd
+
+S = 512
+Sock = trio.socket.SocketType
+
+
+def test_uris() -> None:
+    assert parse_uri("nbd://localhost/disk") == NbdAddress("disk", "localhost", 10809)
+    assert parse_uri("nbd://[::1]:2000/") == NbdAddress("", "::1", 2000)
+    assert parse_uri("nbd+unix:///e?socket=s.sock", "/run") == NbdAddress("e", path="/run/s.sock")
+    assert str(NbdAddress("e", "::1", 5)) == "nbd://[::1]:5/e"
+    for bad in ("nbd:///x", "nbd+unix:///x", "nbd+unix://h/x?socket=a", "nbds://h/x"):
+        with pytest.raises(NoSuchDeviceError):
+            parse_uri(bad)
+
+
+async def _serve(tmp_path: Path, nursery: trio.Nursery, script: Callable[[Sock], Awaitable[None]],
+                 flags: int = nbd.TransmissionFlag.HAS_FLAGS | nbd.TransmissionFlag.SEND_FLUSH,
+                 size: int = 64 * S) -> NbdAddress:
+    """A one-connection server: GO handshake for any name, then ``script(sock)``."""
+    path = str(tmp_path / "fake.sock")
+    lsock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await lsock.bind(path)
+    lsock.listen(1)
+
+    async def server() -> None:
+        sock, _ = await lsock.accept()
+        with sock, lsock:
+            await send_all(sock, nbd.encode_greeting(1))
+            await recv_exactly(sock, 4)
+            opt, n = nbd.decode_option_header(await recv_exactly(sock, 16))
+            await recv_exactly(sock, n)
+            await send_all(sock, nbd.encode_option_reply(opt, nbd.Rep.INFO,
+                                                         nbd.encode_info_export(size, flags)),
+                           nbd.encode_option_reply(opt, nbd.Rep.ACK))
+            await script(sock)
+
+    nursery.start_soon(server)
+    return NbdAddress("x", path=path)
+
+
+async def _request(sock: Sock) -> tuple[nbd.Request, bytes]:
+    req = nbd.decode_request(await recv_exactly(sock, nbd.REQUEST_SIZE))
+    data = bytes(await recv_exactly(sock, req.length)) if req.type == nbd.Cmd.WRITE else b""
+    return req, data
+
+
+async def test_replies_in_any_order_and_errors(tmp_path: Path, nursery: trio.Nursery) -> None:
+    async def script(sock: Sock) -> None:
+        reqs = [(await _request(sock))[0] for _ in range(3)]
+        for req in reversed(reqs):  # answer backwards
+            if req.offset == 8 * S:
+                await send_all(sock, nbd.encode_simple_reply(req.handle, nbd.Err.ENOSPC))
+            else:
+                await send_all(sock, nbd.encode_simple_reply(req.handle),
+                               bytes([req.offset // S]) * req.length)
+        req, _ = await _request(sock)
+        assert req.type == nbd.Cmd.DISC
+
+    dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script), nursery)
+    assert dev.nr_sectors == 64 and not dev.read_only
+    results: dict[int, object] = {}
+
+    async def read(sector: int) -> None:
+        buf = bytearray(b"\xff" * S)
+        try:
+            await dev.submit(Bio.read(sector, buf))
+            results[sector] = bytes(buf)
+        except DmIOError as exc:
+            results[sector] = (exc.errno, bytes(buf))
+
+    async with trio.open_nursery() as n:
+        for sector in (1, 2, 8):
+            n.start_soon(read, sector)
+            await trio.sleep(0.01)
+    assert results == {1: b"\x01" * S, 2: b"\x02" * S, 8: (errno.ENOSPC, bytes(S))}
+    with pytest.raises(DmIOError):  # no SEND_TRIM offered
+        await dev.submit(Bio(Op.DISCARD, 0, 8))
+    dev.close()
+
+
+async def test_a_server_that_goes_away_fails_everything(tmp_path: Path,
+                                                        nursery: trio.Nursery) -> None:
+    async def script(sock: Sock) -> None:
+        await _request(sock)  # a write: never answered
+
+    dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script), nursery)
+    with pytest.raises(DmIOError) as exc:
+        await dev.write(0, b"a" * S)
+    assert exc.value.errno == errno.EIO and "connection lost" in str(exc.value)
+    with pytest.raises(DmIOError, match="connection lost"):
+        await dev.read(0, 1)
+    dev.close()
+
+
+async def test_a_server_that_lies_fails_the_connection(tmp_path: Path,
+                                                       nursery: trio.Nursery) -> None:
+    async def script(sock: Sock) -> None:
+        req, _ = await _request(sock)
+        await send_all(sock, nbd.encode_simple_reply(req.handle + 1000))
+        await trio.sleep_forever()
+
+    dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script), nursery)
+    with pytest.raises(DmIOError, match="never sent"):
+        await dev.flush()
+    dev.close()
+
+
+async def test_refusals_at_connect(tmp_path: Path, nursery: trio.Nursery) -> None:
+    with pytest.raises(NoSuchDeviceError, match="cannot connect"):
+        await NbdDevice.connect(NbdAddress("x", path=str(tmp_path / "none.sock")), nursery)
+
+    async def nothing(sock: Sock) -> None:
+        pass
+
+    addr = await _serve(tmp_path, nursery, nothing, flags=nbd.TransmissionFlag.HAS_FLAGS
+                        | nbd.TransmissionFlag.READ_ONLY)
+    dev = await NbdDevice.connect(addr, nursery)
+    with pytest.raises(DmIOError) as exc:
+        await dev.write(0, bytes(S))
+    assert exc.value.errno == errno.EPERM
+    dev.close()
