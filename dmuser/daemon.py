@@ -48,6 +48,7 @@ from dmuser.targets.dust import DustTarget
 from dmuser.targets.error import ErrorTarget
 from dmuser.targets.flakey import FlakeyTarget
 from dmuser.targets.linear import LinearTarget
+from dmuser.targets.log_writes import LogWritesTarget
 from dmuser.targets.mirror import MirrorTarget
 from dmuser.targets.snapshot import SnapshotMergeTarget, SnapshotOriginTarget, SnapshotTarget
 from dmuser.targets.zero import ZeroTarget
@@ -78,7 +79,7 @@ def builtin_targets() -> TargetRegistry:
     """Every target type a dmuser daemon serves: the one list of them."""
     return TargetRegistry(LinearTarget, ZeroTarget, ErrorTarget, FlakeyTarget,
                           SnapshotOriginTarget, SnapshotTarget, SnapshotMergeTarget,
-                          MirrorTarget, DelayTarget, DustTarget)
+                          MirrorTarget, DelayTarget, DustTarget, LogWritesTarget)
 
 
 def _set_io_flusher() -> None:
