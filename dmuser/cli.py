@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no loop devices and kernel mounts (as without root): the file "
                         "systems are reached with debugfs on the device files")
 
+    p = sub.add_parser("dmsetup", help="dmsetup's own syntax and output formats "
+                       "('dmuser dmsetup help'; '--install-shim DIR')", add_help=False)
+    p.add_argument("dmsetup_args", nargs=argparse.REMAINDER, metavar="ARGS")
+
     p = sub.add_parser("cow", help="inspect or check a persistent snapshot COW device offline",
                        add_help=False)
     p.add_argument("cow_args", nargs=argparse.REMAINDER,
@@ -296,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         from dmuser import cow_tool
 
         return cow_tool.main(argv[1:])
+    if argv[:1] == ["dmsetup"]:  # dmsetup's own syntax, parsed there (dmuser/dmsetup/)
+        from dmuser import dmsetup
+
+        return dmsetup.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "table", None) is not None and getattr(args, "table_file", None) is not None:
