@@ -144,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up (exit status 1) after this long (default: no limit)")
     _add_socket(p)
 
+    p = sub.add_parser("export", help="serve the device over NBD (docs/nbd.md)")
+    p.add_argument("name")
+    p.add_argument("address", metavar="ADDR",
+                   help="HOST:PORT (loopback unless --insecure) or a Unix socket path")
+    p.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    p.add_argument("--export-name", metavar="NAME", help="NBD export name (default: the device's)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback TCP address without TLS")
+    _add_socket(p)
+
+    p = sub.add_parser("unexport", help="stop serving the device over NBD")
+    p.add_argument("name")
+    p.add_argument("address", nargs="?", metavar="ADDR", help="only this address (default: all)")
+    _add_socket(p)
+
     p = sub.add_parser("shutdown", help="stop the daemon (drain, flush, unmount)")
     _add_socket(p)
 
@@ -283,6 +298,13 @@ def _run(c: Client, args: argparse.Namespace) -> int:
             c.wait(args.name, args.event_nr, timeout=args.timeout)
         except KeyboardInterrupt:
             return 130
+    elif verb == "export":
+        reply = c.call("export", name=args.name, address=args.address, cwd=os.getcwd(),
+                       read_only=args.read_only, insecure=args.insecure,
+                       export_name=args.export_name)
+        sys.stdout.write(reply.output)
+    elif verb == "unexport":
+        c.call("unexport", name=args.name, address=args.address)
     elif getattr(args, "watch", False):
         return _watch(c, args)
     else:  # ls, table, status, info, targets: the daemon's dmsetup-format text

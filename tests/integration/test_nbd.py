@@ -237,3 +237,24 @@ def test_mirror_leg_on_nbdkit_fails_when_nbdkit_dies(daemon: Daemon, nbdkit: tup
     assert read_at(daemon.dir / "l0.img", MIB, len(new)) == new
     daemon.request("remove", name="m")
     assert daemon.alive()
+
+
+def test_cli_export_and_unexport(daemon: Daemon) -> None:
+    """``dmuser export``/``unexport``: the URI printed, the export in ``ls --json``,
+    a refused address with one line and exit 1, and gone after unexport."""
+    need("nbdinfo")
+    img = daemon.dir / "c.img"
+    make_image(img, MIB, seed="cli")
+    daemon.create("c", f"0 {MIB // S} linear {img} 0")
+    res = daemon.cli("export", "c", "unix:cli.sock", "--read-only")
+    uri = res.stdout.strip()
+    assert uri == f"nbd+unix:///c?socket={daemon.dir / 'cli.sock'}"
+    listed = json.loads(daemon.cli("ls", "--json").stdout)
+    assert listed[0]["exports"][0]["uri"] == uri and listed[0]["exports"][0]["read_only"]
+    assert json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]["is_read_only"]
+    bad = daemon.cli("export", "c", "0.0.0.0:0", check=False)
+    assert bad.returncode == 1 and "not a loopback address" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1
+    daemon.cli("unexport", "c")
+    assert "exports" not in json.loads(daemon.cli("ls", "--json").stdout)[0]
+    assert run("nbdinfo", uri, check=False).returncode != 0
