@@ -21,7 +21,7 @@ from typing import Any
 
 from dmuser import client, paths
 from dmuser.client import Client
-from dmuser.core.config import Config
+from dmuser.core.config import Config, field_kind, parse_bool
 from dmuser.core.errors import DmError
 
 TABLE_HELP = "table lines 'START LENGTH TARGET ARGS...', ';' or newline separated"
@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     tunables = p.add_argument_group(
         "tunables", "each defaults to its environment variable, else the value shown")
     for f in Config.fields():
-        kind = int if f.type in ("int", int) else float
+        kind = field_kind(f)
+        if kind is parse_bool:  # a switch: '--name' alone turns it on
+            tunables.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                                  nargs="?", const=True, metavar="on|off",
+                                  help=f"{f.metadata['help']} (${Config.env_name(f.name)}; "
+                                       "default off)")
+            continue
         tunables.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                               metavar=kind.__name__.upper(),
                               help=f"{f.metadata['help']} (${Config.env_name(f.name)}; "

@@ -81,8 +81,15 @@ def _state_verb(method: str) -> Verb:
     return run
 
 
-for _name in ("clear", "resume"):
-    VERBS[_name] = _state_verb(_name)
+VERBS["clear"] = _state_verb("clear")
+
+
+@verb("resume")
+async def resume(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
+    md = mgr.get(req["name"])
+    await md.resume()
+    await mgr.sync_block_device(md)  # with --block-devices: attach, or resize
+    return Reply()
 
 
 @verb("suspend")
@@ -97,7 +104,15 @@ async def ls(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     if not devices:
         return Reply("No devices found\n", [])
     return Reply(_lines([f"{md.name}\t({md.path})" for md in devices]),
-                 [{"name": md.name, "path": md.path, **_exports(mgr, md)} for md in devices])
+                 [{"name": md.name, "path": md.path, **_block(md), **_exports(mgr, md)}
+                  for md in devices])
+
+
+def _block(md: MappedDevice) -> dict[str, str]:
+    """The block device fields (``serve --block-devices``) when ``md`` has one."""
+    if not md.block_device:
+        return {}
+    return {"block_device": md.block_device, "block_devno": md.block_devno}
 
 
 def _exports(mgr: DeviceManager, md: MappedDevice) -> dict[str, Any]:
@@ -162,6 +177,8 @@ def format_info(md: MappedDevice, exports: Sequence[dict[str, Any]] = ()) -> str
             ("Number of targets", str(i.nr_targets)),
             ("Size", f"{i.nr_sectors} sectors"),
             ("File", i.path)]
+    if i.block_device:
+        rows.append(("Block device", f"{i.block_device} ({i.block_devno})"))
     if i.uuid:
         rows.append(("UUID", i.uuid))
     for exp in exports:

@@ -39,6 +39,7 @@ from dmuser import client
 from dmuser.control import dispatch
 from dmuser.core.config import Config
 from dmuser.core.errors import DmError
+from dmuser.core.loopdev import MAPPER_DIR, LoopDevices, cleanup_stale
 from dmuser.core.manager import DeviceManager
 from dmuser.core.target import TargetRegistry
 from dmuser.fuse_ops import DeviceFS
@@ -103,12 +104,16 @@ def _lazy_unmount(path: str) -> None:
     raise StartupError(f"cannot unmount stale mount {path}; try 'fusermount3 -u -z {path}'")
 
 
-def prepare(mountpoint: str, sock_path: str) -> None:
-    """Step 1 of the life cycle: detect a running daemon, clean stale leftovers."""
+def prepare(mountpoint: str, sock_path: str, block_devices: bool = False) -> None:
+    """Step 1 of the life cycle: detect a running daemon, clean stale leftovers
+    (with ``block_devices``, first the loop devices a killed daemon left on the
+    mount, while their backing files still show the mountpoint's path)."""
     reply = client.ping(sock_path)
     if reply is not None:
         pid = reply.get("data", {}).get("pid")
         raise StartupError(f"a dmuser daemon (pid {pid}) is already running on {sock_path}")
+    if block_devices:
+        cleanup_stale(mountpoint)
     if os.path.exists(sock_path) or os.path.islink(sock_path):
         log.warning("removing stale control socket %s", sock_path)
         os.unlink(sock_path)
@@ -135,6 +140,8 @@ class Daemon:
         self.sock_path = os.path.abspath(sock_path)
         self.config = config or Config()
         self.manager = DeviceManager(self.mountpoint, types=builtin_targets(), config=self.config)
+        if self.config.block_devices:
+            self.manager.loops = LoopDevices(self.mountpoint)
         self.fs = DeviceFS(self.manager)
         self.nbd = NbdServer(self.manager)
         self._namespace_lock = trio.Lock()
@@ -142,7 +149,10 @@ class Daemon:
 
     def run(self, ready_fd: int | None = None) -> None:
         """Mount, serve until told to stop, unmount.  Blocks."""
-        prepare(self.mountpoint, self.sock_path)
+        if self.config.block_devices and os.geteuid() != 0:
+            raise StartupError("--block-devices needs root (it attaches loop devices and "
+                               f"writes {MAPPER_DIR}); euid is {os.geteuid()}")
+        prepare(self.mountpoint, self.sock_path, self.config.block_devices)
         _set_io_flusher()
         options = {"fsname=dmuser", "subtype=dmuser", "default_permissions"}
         if os.geteuid() == 0:
@@ -195,6 +205,8 @@ class Daemon:
             # NBD clients first: their requests in flight finish before the quiesce
             await self.nbd.stop()
             async with self._namespace_lock:
+                # loop devices first: their last writeback needs the devices running
+                await self.manager.detach_all()
                 await self.manager.quiesce_all()
                 await self.manager.remove_all()
         finally:

@@ -19,6 +19,7 @@ Each field ``name`` is set by ``dmuser serve --name-with-dashes``, else by
 | ``resync_throttle`` | 100 % | mirror resync's share of time with I/O in flight |
 | ``snapshot_copy_pool_pages`` | 4096 | memory for a snapshot's copy-outs in flight |
 | ``snapshot_cow_threshold`` | 2048 | copy-outs in progress before writes wait |
+| ``block_devices`` | off | a loop device and /dev/mapper/NAME per device (root only) |
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "DMUSER_"
+
+
+def parse_bool(text: str) -> bool:
+    """A switch's value in an option or variable: on/off, yes/no, true/false, 1/0."""
+    word = str(text).strip().lower()
+    if word in ("1", "on", "yes", "true"):
+        return True
+    if word in ("0", "off", "no", "false", ""):
+        return False
+    raise ValueError(f"not a switch value: {text!r}")
+
+
+def field_kind(f: dataclasses.Field[Any]) -> Any:
+    """How an option or variable's text becomes the field's value."""
+    if f.type in ("bool", bool):
+        return parse_bool
+    return int if f.type in ("int", int) else float
 
 
 def _tunable(default: Any, help: str, minimum: float = 0) -> Any:
@@ -57,6 +75,9 @@ class Config:
     snapshot_cow_threshold: int = _tunable(
         2048, "copy-outs in progress before a snapshot's writes wait "
         "(dm-snap's snapshot_cow_threshold)", minimum=1)
+    block_devices: bool = _tunable(
+        False, "give each device with a live table a block device: a loop device on its "
+        "file, linked as /dev/mapper/NAME (root only; docs/daemon.md)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -81,7 +102,7 @@ class Config:
         variable whose value is bad."""
         values: dict[str, Any] = {}
         for f in cls.fields():
-            kind = int if f.type in ("int", int) else float
+            kind = field_kind(f)
             given = options.get(f.name)
             if given is not None:
                 values[f.name] = kind(given)
@@ -92,7 +113,8 @@ class Config:
                 try:
                     values[f.name] = kind(text)
                 except ValueError:
-                    what = "an integer" if kind is int else "a number"
+                    what = {int: "an integer", float: "a number",
+                            parse_bool: "on/off, yes/no, true/false or 1/0"}[kind]
                     raise ValueError(f"${var}: not {what}: {text!r}") from None
         return cls(**values)
 

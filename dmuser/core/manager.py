@@ -6,6 +6,10 @@ Resolving a table word to a device (``dm_get_device``):
 * a word without ``/`` that names a mapped device — that device (stacking is
   resolved here, in process: dmuser never opens its own FUSE files).
 * a path whose directory is the mountpoint — the mapped device of that name.
+* with ``serve --block-devices``: ``/dev/mapper/NAME`` of a mapped device, or
+  the path or ``MAJ:MIN`` of a mapped device's loop device — that mapped
+  device, in process (I/O through the loop device would come back to the
+  daemon through its own FUSE file).
 * any other path — an image file or block device, relative paths taken from
   the client's working directory.
 * ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` — a remote
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +44,7 @@ from dmuser.core.errors import (
     NoSuchDeviceError,
     TableError,
 )
+from dmuser.core.loopdev import MAPPER_DIR, LoopDevices
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_device import NbdDevice, is_nbd_uri, parse_uri
 from dmuser.core.table import Table, TargetServices, parse_table
@@ -98,6 +104,8 @@ class DeviceManager:
         self.on_change: Callable[[], None] | None = None
         #: where targets run background work; set by the daemon (see TargetContext)
         self.service_nursery: trio.Nursery | None = None
+        #: the block devices of ``serve --block-devices``; None when off
+        self.loops: LoopDevices | None = None
 
     def __iter__(self) -> Iterator[MappedDevice]:
         return iter(sorted(self.devices.values(), key=lambda md: md.name))
@@ -143,6 +151,11 @@ class DeviceManager:
                 return nbd[word].pop()
             match = _MAJ_MIN.match(word)
             if match:
+                own = self._mapped_by_block(word, cwd)
+                if own is not None:
+                    dev = self._lookup_mapped(own.name, for_device)
+                    dev.holders += 1
+                    return dev
                 return self._open_backing(_block_device_path(word))
             if "/" not in word and word in self.devices:
                 dev = self._lookup_mapped(word, for_device)
@@ -150,6 +163,8 @@ class DeviceManager:
                 path = os.path.normpath(os.path.join(cwd, word))
                 if self.mountpoint and os.path.dirname(path) == self.mountpoint:
                     dev = self._lookup_mapped(os.path.basename(path), for_device)
+                elif (own := self._mapped_by_block(word, cwd)) is not None:
+                    dev = self._lookup_mapped(own.name, for_device)
                 else:
                     return self._open_backing(path)
             assert isinstance(dev, MappedDevice)
@@ -157,6 +172,28 @@ class DeviceManager:
             return dev
 
         return get_device
+
+    def _mapped_by_block(self, word: str, cwd: str) -> MappedDevice | None:
+        """The mapped device whose block device ``word`` names (``/dev/mapper/NAME``,
+        its loop device's path or ``MAJ:MIN``), or None.  Never for paths under
+        the mountpoint (a stat there would be a FUSE request to ourselves)."""
+        if self.loops is None:
+            return None
+        if _MAJ_MIN.match(word):
+            devno = word
+        else:
+            path = os.path.normpath(os.path.join(cwd, word))
+            md = self.devices.get(os.path.basename(path))
+            if os.path.dirname(path) == MAPPER_DIR and md is not None and md.block_device:
+                return md
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            if not stat.S_ISBLK(st.st_mode):
+                return None
+            devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        return next((md for md in self.devices.values() if md.block_devno == devno), None)
 
     def _open_backing(self, path: str) -> FileDevice:
         dev = FileDevice(path, self.io_policy)
@@ -246,7 +283,31 @@ class DeviceManager:
                 raise
         self.devices[name] = md
         self._changed()
+        if self.loops is not None and md.live is not None:
+            try:
+                await self.loops.attach(md)
+            except BaseException:
+                del self.devices[name]
+                self._changed()
+                await md.close()
+                raise
         return md
+
+    async def sync_block_device(self, md: MappedDevice) -> None:
+        """After a resume: give ``md`` its block device on its first live table, or
+        tell the loop driver a new size.  Nothing without ``--block-devices``."""
+        if self.loops is None or md.live is None or self.devices.get(md.name) is not md:
+            return
+        if md.block_device:
+            await self.loops.resize(md)
+        else:
+            await self.loops.attach(md)
+
+    async def detach_all(self) -> None:
+        """Detach every block device (shutdown does this before it quiesces)."""
+        if self.loops is not None:
+            for md in list(self.devices.values()):
+                await self.loops.detach(md)
 
     async def remove(self, name: str, force: bool = False) -> None:
         """``dmsetup remove``: refuse while open or held, unless forced (open only)."""
@@ -254,9 +315,15 @@ class DeviceManager:
         if md.holders:
             raise DeviceBusyError(f"Device {name} is in use by another mapped device "
                                   "(remove that one first).")
-        if md.open_count and not force:
-            raise DeviceBusyError(f"Device {name} is busy: open count {md.open_count}. "
+        if self.loops is not None and not force:
+            await self.loops.check_unused(md)
+        # the loop device holds one open of the file: it is not a user
+        opens = md.open_count - (1 if md.block_device else 0)
+        if opens > 0 and not force:
+            raise DeviceBusyError(f"Device {name} is busy: open count {opens}. "
                                   "Use --force to fail its I/O and remove it anyway.")
+        if self.loops is not None:
+            await self.loops.detach(md)
         del self.devices[name]
         self._changed()
         await md.close()

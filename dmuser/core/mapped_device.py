@@ -50,6 +50,9 @@ class DeviceInfo:
     nr_sectors: int
     path: str
     in_flight: int
+    #: the loop device and its MAJ:MIN with ``serve --block-devices`` (``loopdev.py``), else ""
+    block_device: str = ""
+    block_devno: str = ""
 
 
 class MappedDevice(BlockDevice):
@@ -74,6 +77,8 @@ class MappedDevice(BlockDevice):
         self._noflush = False
         self._event = trio.Event()
         self._closed = False         # close() ran: the device left the namespace
+        self.block_device = ""       # /dev/loopN when it has one (set by loopdev.LoopDevices)
+        self.block_devno = ""        # its MAJ:MIN
 
     def __repr__(self) -> str:
         return f"MappedDevice({self.name!r})"
@@ -292,4 +297,5 @@ class MappedDevice(BlockDevice):
             live=self.live is not None, inactive=self.inactive is not None,
             open_count=self.open_count, event_nr=self.event_nr,
             nr_targets=len(self.live.targets) if self.live else 0,
-            nr_sectors=self.nr_sectors, path=self.path, in_flight=self._in_flight)
+            nr_sectors=self.nr_sectors, path=self.path, in_flight=self._in_flight,
+            block_device=self.block_device, block_devno=self.block_devno)

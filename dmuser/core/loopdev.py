@@ -1,0 +1,161 @@
+"""Real block devices for mapped devices (``dmuser serve --block-devices``, root only).
+
+Each mapped device with a live table gets a loop device on its FUSE file and
+the link ``/dev/mapper/NAME -> ../loopN`` (what udev makes for a kernel dm
+device is ``../dm-N``).  Guarantees:
+
+* the loop device and the link are made when the device first has a live
+  table and kept for its life; a table swap that changes the size updates the
+  loop device's capacity (``losetup -c``);
+* ``remove`` refuses while the loop device is open (an ``O_EXCL`` open of it
+  fails with EBUSY: mounted, or held by another process) unless forced, and
+  then detaches it and removes the link;
+* every call into the kernel runs outside the trio thread: ``losetup`` is a
+  child process awaited with ``trio.run_process``, the ``O_EXCL`` probe runs
+  in a worker thread.  The loop driver's I/O goes through the daemon's own
+  FUSE file, so the trio loop must keep serving while the kernel works;
+* :func:`cleanup_stale` (run at start, before the stale mount is unmounted)
+  detaches the loop devices a killed daemon left on its dead mount and
+  removes the links to them.
+
+The daemon itself never does I/O through these loop devices: the manager
+resolves ``/dev/mapper/NAME``, ``/dev/loopN`` and ``MAJ:MIN`` of one of them
+to the mapped device in process (``manager.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import logging
+import os
+import subprocess
+
+import trio
+
+from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
+from dmuser.core.mapped_device import MappedDevice
+
+log = logging.getLogger(__name__)
+
+MAPPER_DIR = "/dev/mapper"
+#: how long the O_EXCL probe retries EBUSY (udev's blkid probe opens new devices briefly)
+BUSY_RETRY_SECONDS = 1.0
+
+
+def link_path(name: str) -> str:
+    return os.path.join(MAPPER_DIR, name)
+
+
+async def _losetup(*args: str) -> str:
+    res = await trio.run_process(["losetup", *args], capture_stdout=True, capture_stderr=True,
+                                 check=False)
+    if res.returncode != 0:
+        raise DmError(f"losetup {' '.join(args)}: {res.stderr.decode().strip()}", errno.EIO)
+    return str(res.stdout.decode().strip())
+
+
+def _open_exclusive(dev: str) -> None:
+    fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    os.close(fd)
+
+
+class LoopDevices:
+    """Attaches, resizes and detaches the loop devices of one daemon's devices."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        self._sectors: dict[str, int] = {}
+
+    async def attach(self, md: MappedDevice) -> None:
+        """Give ``md`` (in the namespace, with a live table) its loop device and link."""
+        link = link_path(md.name)
+        if os.path.lexists(link):
+            raise DeviceExistsError(f"{link} already exists (a kernel dm device of that name?)")
+        dev = await _losetup("--find", "--show", "--direct-io=on", md.path)
+        try:
+            os.makedirs(MAPPER_DIR, exist_ok=True)
+            os.symlink("../" + os.path.basename(dev), link)
+        except OSError as exc:
+            await _losetup("-d", dev)
+            raise DmError(f"{link}: {exc.strerror}", exc.errno or errno.EIO) from None
+        rdev = os.stat(dev).st_rdev
+        md.block_device = dev
+        md.block_devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+        self._sectors[md.name] = md.nr_sectors
+        log.info("%s: block device %s (%s), %s", md.name, dev, md.block_devno, link)
+
+    async def resize(self, md: MappedDevice) -> None:
+        """Tell the loop driver the new size after a table swap changed it."""
+        if md.block_device and self._sectors.get(md.name) != md.nr_sectors:
+            await _losetup("-c", md.block_device)
+            self._sectors[md.name] = md.nr_sectors
+            log.info("%s: %s resized to %d sectors", md.name, md.block_device, md.nr_sectors)
+
+    async def check_unused(self, md: MappedDevice) -> None:
+        """Raise DeviceBusyError if the loop device is open (mounted or held)."""
+        if not md.block_device:
+            return
+        with trio.move_on_after(BUSY_RETRY_SECONDS):
+            while True:
+                try:
+                    await trio.to_thread.run_sync(_open_exclusive, md.block_device)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        return
+                await trio.sleep(0.1)
+        raise DeviceBusyError(f"Device {md.name} is busy: its block device {md.block_device} "
+                              f"({link_path(md.name)}) is open (mounted or held). Unmount it, "
+                              "or use --force to remove the device anyway.")
+
+    async def detach(self, md: MappedDevice) -> None:
+        """Detach the loop device (lazily if it is still open) and remove the link."""
+        if not md.block_device:
+            return
+        dev, link = md.block_device, link_path(md.name)
+        try:
+            if os.readlink(link) == "../" + os.path.basename(dev):
+                os.unlink(link)
+        except OSError:
+            pass
+        try:
+            await _losetup("-d", dev)
+        except DmError as exc:
+            log.error("%s: %s", md.name, exc)
+        md.block_device = md.block_devno = ""
+        self._sectors.pop(md.name, None)
+
+
+def cleanup_stale(mountpoint: str) -> list[str]:
+    """Detach loop devices backed by files under ``mountpoint`` (left by a killed
+    daemon) and remove /dev/mapper links to them or to unattached loop devices.
+    Returns the loop devices detached.  Blocking: call before the trio loop runs."""
+    prefix = os.path.abspath(mountpoint).rstrip("/") + "/"
+    detached = []
+    for entry in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        try:
+            with open(entry) as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if not backing.startswith(prefix):
+            continue
+        dev = "/dev/" + entry.split("/")[3]
+        res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+        if res.returncode == 0:
+            log.warning("detached %s, left on %s by a dead daemon", dev, backing)
+            detached.append(dev)
+        else:
+            log.error("cannot detach stale %s (%s): %s", dev, backing, res.stderr.strip())
+    for link in glob.glob(os.path.join(MAPPER_DIR, "*")):
+        if not os.path.islink(link):
+            continue
+        target = os.readlink(link)
+        loop = os.path.basename(target)
+        if not (target.startswith("../loop") and loop[4:].isdigit()):
+            continue
+        if "/dev/" + loop in detached or not os.path.exists(f"/sys/block/{loop}/loop"):
+            log.warning("removing stale link %s -> %s", link, target)
+            os.unlink(link)
+    return detached
