@@ -5,6 +5,8 @@ This keeps the benchmark (and its ``floor`` setup, tools/fuse_floor.py) from
 rotting; the figures themselves are not checked (docs/benchmarks.md: speed is
 judged by benchmark runs, never by timed assertions).  qemu-storage-daemon is
 not installed by the test command, so the qsd setup is left out here.
+``tools/bench fs`` (ext4 on loop devices over the setups) is smoke-tested on
+``raw`` and ``linear`` with ``--quick``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.system import is_mounted
+from support.system import is_mounted, loops_under
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,5 +75,43 @@ def test_target_subcommands_run(tmp_path: Path, argv: list[str], row_job: str,
     assert rows, res.stdout
     with open("/proc/mounts") as f:
         assert str(tmp_path) not in f.read()
+    ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
+
+
+@pytest.mark.root
+@pytest.mark.loop
+@pytest.mark.mkfs
+def test_bench_fs_quick_runs_and_cleans_up(tmp_path: Path) -> None:
+    """``tools/bench fs``: ext4 on the device, loop-mounted, untar + fio; nothing left."""
+    work = tmp_path / "bench"
+    out = tmp_path / "fs.json"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "bench"), "fs", "--quick",
+                          "--repeat", "1", "--setups", "raw,linear", "--runtime", "1",
+                          "--dir", str(work), "--json", str(out)],
+                         capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = [line.split() for line in res.stdout.splitlines()]
+    header = next(row for row in table if row and row[0] == "workload")
+    assert header[1:] == ["unit", "raw", "linear", "linear/raw"]
+    for workload, unit in (("untar", "s"), ("fsync16", "IOPS")):
+        row = next(row for row in table if row and row[0] == workload)
+        assert row[1] == unit
+        assert all(float(v) > 0 for v in row[2:5]), row
+    rss = next(row for row in table if row and row[0] == "peak-rss")
+    assert rss[2] == "-" and float(rss[3]) > 0, rss  # raw has no daemon
+    saved = json.loads(out.read_text())
+    assert saved["setups"] == ["raw", "linear"]
+    assert set(saved["median"]["linear"]) == {"untar", "fsync16"}
+    assert saved["peak_rss_kib"]["linear"] > 0 and saved["peak_rss_kib"]["raw"] is None
+    assert saved["ratios"]["linear/raw"]["fsync16"] > 0
+    for sample in saved["samples"]["linear"]["fsync16"]:
+        assert sample["ios"] > 0 and sample["fsyncs"]
+    # Only the daemon's log stays in the --dir: no image, tarball, mountpoint or socket.
+    left = sorted(p.name for p in work.iterdir())
+    assert all(name.endswith(".log") for name in left), left
+    with open("/proc/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    assert loops_under(tmp_path) == []
     ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
