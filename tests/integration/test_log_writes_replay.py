@@ -3,7 +3,7 @@
 A workload of O_DIRECT writes (``dd oflag=direct``), fsyncs, a discard-free
 mix of sizes and ``mark`` messages runs on a log-writes device; after its
 removal the log file is read by ``dmuser.formats.logwrites`` and by
-``replay-log`` built from the fstests tarball (``/work/shared/third_party``,
+``replay-log`` built from the fstests tarball (``../shared/third_party`` beside the repository,
 or ``$DMUSER_FSTESTS_TARBALL``; about a second with gcc).  Both must agree on
 the number of entries, on where each mark is, and on the replayed bytes at each
 mark, which must also be the data device's bytes at the time of the mark.
