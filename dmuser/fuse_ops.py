@@ -9,10 +9,12 @@ Files are opened with ``direct_io``: the kernel page cache never hides what the
 targets do, and every read and write reaches us.  Byte ranges that do not start
 or end on a sector boundary are widened to whole sectors: reads read the whole
 sectors and return the slice; writes read the partial edge sectors, merge, and
-write whole sectors, all under a :class:`RangeLock` on the sectors touched, so
-concurrent writes to the same sector cannot undo each other.  Writes past the
+write whole sectors, all under the device's range lock on the sectors touched,
+so concurrent writes to the same sector cannot undo each other.  Writes past the
 end of the device fail with ENOSPC, reads past it return nothing (EOF), as for a
-block device.  Aligned reads and writes on a device whose live table is one
+block device.  The byte-range work is :mod:`dmuser.byte_io`, shared with the
+NBD exports: one range lock per device for both.  Aligned reads and writes on
+a device whose live table is one
 target that remaps them straight onto a file (linear; snapshot-origin when no
 copy-out is needed) take the direct path (``MappedDevice.read_direct``,
 ``write_direct``: one inline ``pread``/``pwrite``, no bio; a write only when no
@@ -39,12 +41,11 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from dmuser.core.bio import Bio
+from dmuser.byte_io import read_bytes, write_bytes
 from dmuser.core.errors import DmError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.units import MAX_DEVICE_SECTORS, SECTOR_SHIFT, SECTOR_SIZE
-from dmuser.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ class _Node:
     def __init__(self, inode: int, md: MappedDevice) -> None:
         self.inode = inode
         self.md = md
-        self.lock = RangeLock()
         self.mtime_ns = time.time_ns()
 
 
@@ -258,13 +258,8 @@ class DeviceFS(pyfuse3.Operations):
             data = md.read_direct(first, end - off)
             if data is not None:
                 return data
-        last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
-        buf = bytearray((last - first) << SECTOR_SHIFT)
-        await md.submit(Bio.read(first, buf))
-        skip = off - (first << SECTOR_SHIFT)
-        if skip == 0 and len(buf) == end - off:
-            return buf  # pyfuse3 takes any contiguous buffer: no copy of the reply
-        return memoryview(buf)[skip : skip + end - off]
+        # pyfuse3 takes any contiguous buffer: an aligned reply is not copied
+        return await read_bytes(md, off, end - off)
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -274,31 +269,6 @@ class DeviceFS(pyfuse3.Operations):
         if off >= dev_bytes and buf:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = buf if off + len(buf) <= dev_bytes else memoryview(buf)[: dev_bytes - off]
-        end = off + len(data)
-        first = off >> SECTOR_SHIFT
-        last = (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
-        aligned = off & (SECTOR_SIZE - 1) == 0 and end & (SECTOR_SIZE - 1) == 0
-        # write_direct() never yields, so an aligned write it completes cannot
-        # interleave with a read-modify-write: it only has to find the range free.
-        if not (aligned and node.lock.is_free(first, last)
-                and md.write_direct(first, data)):
-            async with node.lock.hold(first, last):
-                if aligned:
-                    await md.submit(Bio.write(first, data))
-                else:
-                    await self._write_unaligned(md, first, last, off, data)
+        await write_bytes(md, off, data, direct=True)
         node.mtime_ns = time.time_ns()
         return len(data)
-
-    @staticmethod
-    async def _write_unaligned(md: MappedDevice, first: int, last: int, off: int,
-                               data: bytes | memoryview) -> None:
-        """Read-modify-write of the partial edge sectors (caller holds the range lock)."""
-        merged = bytearray((last - first) << SECTOR_SHIFT)
-        view = memoryview(merged)
-        skip = off - (first << SECTOR_SHIFT)
-        await md.submit(Bio.read(first, view[:SECTOR_SIZE]))
-        if last - 1 > first:
-            await md.submit(Bio.read(last - 1, view[-SECTOR_SIZE:]))
-        view[skip : skip + len(data)] = data
-        await md.submit(Bio.write(first, view))

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from dmuser.byte_io import range_lock, read_bytes, write_bytes
 from dmuser.core.bio import Bio, Op, ReqFlag
 from dmuser.core.errors import DmError, DmIOError, NotSupportedError
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_device import recv_exactly, send_all
 from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
 from dmuser.formats import nbd
-from dmuser.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +205,7 @@ async def execute(md: MappedDevice, exp: Export, req: nbd.Request,
         if kind == nbd.Cmd.READ:
             if n > nbd.MAX_PAYLOAD:
                 return nbd.Err.EINVAL, None
-            first = off >> SECTOR_SHIFT
-            end = -(-(off + n) // SECTOR_SIZE)  # unaligned reads are widened
-            buf = bytearray((end - first) << SECTOR_SHIFT)
-            if buf:
-                await md.submit(Bio.read(first, buf))
-            skip = off - (first << SECTOR_SHIFT)
-            return 0, memoryview(buf)[skip:skip + n]
+            return 0, memoryview(await read_bytes(md, off, n))
         if kind == nbd.Cmd.FLUSH:
             await md.submit(Bio.flush())
         elif kind == nbd.Cmd.TRIM:  # advisory: only the whole sectors inside the range
@@ -231,44 +224,29 @@ async def execute(md: MappedDevice, exp: Export, req: nbd.Request,
         return nbd.error_for(exc.errno), None
 
 
-#: per device: writes hold their sectors, so that a read-modify-write of an edge
-#: sector cannot undo a concurrent write to the rest of that sector
-_LOCKS: weakref.WeakKeyDictionary[MappedDevice, RangeLock] = weakref.WeakKeyDictionary()
-
-
 async def _write(md: MappedDevice, off: int, n: int, payload: bytearray | None,
                  fua: ReqFlag) -> int:
     """WRITE (``payload``) or WRITE_ZEROES (None) of ``n`` bytes at ``off``: 0 or an NBD error.
 
-    Requests not aligned to sectors come from clients that ignored the block size
-    announced (or never asked, with NBD_OPT_EXPORT_NAME): their edge sectors are
-    read, merged and written back, holding the sectors against the connections'
-    other writes to this device (FUSE writes hold a lock of their own).
+    Through :mod:`dmuser.byte_io`, under the device's one range lock (FUSE writes
+    hold the same): requests not aligned to sectors, from clients that ignored
+    the block size announced, are read-modify-written there.
     """
-    first = off >> SECTOR_SHIFT
-    end = -(-(off + n) // SECTOR_SIZE)
-    lock = _LOCKS.setdefault(md, RangeLock())
-    async with lock.hold(first, end):
-        if (off | n) & (SECTOR_SIZE - 1):
-            if payload is None:
-                if n > nbd.MAX_PAYLOAD:
-                    return nbd.Err.EINVAL
-                payload = bytearray(n)
-            view = memoryview(bytearray((end - first) << SECTOR_SHIFT))
-            await md.submit(Bio.read(first, view[:SECTOR_SIZE]))
-            if end - 1 > first:
-                await md.submit(Bio.read(end - 1, view[-SECTOR_SIZE:]))
-            skip = off - (first << SECTOR_SHIFT)
-            view[skip:skip + n] = payload
-            await md.submit(Bio.write(first, view, fua))
-        elif payload is not None:
-            await md.submit(Bio.write(first, payload, fua))
-        else:
-            try:
-                await md.submit(Bio(Op.WRITE_ZEROES, first, end - first, None, fua))
-            except NotSupportedError:
-                zeros = bytes(min(n, 1 << 20))
-                for pos in range(off, off + n, len(zeros)):
-                    await md.submit(Bio.write(pos >> SECTOR_SHIFT,
-                                              zeros[:min(len(zeros), off + n - pos)], fua))
+    if payload is not None:
+        await write_bytes(md, off, payload, fua)
+        return 0
+    if (off | n) & (SECTOR_SIZE - 1):
+        if n > nbd.MAX_PAYLOAD:
+            return nbd.Err.EINVAL
+        await write_bytes(md, off, bytes(n), fua)
+        return 0
+    first, end = off >> SECTOR_SHIFT, (off + n) >> SECTOR_SHIFT
+    async with range_lock(md).hold(first, end):
+        try:
+            await md.submit(Bio(Op.WRITE_ZEROES, first, end - first, None, fua))
+        except NotSupportedError:
+            zeros = bytes(min(n, 1 << 20))
+            for pos in range(off, off + n, len(zeros)):
+                await md.submit(Bio.write(pos >> SECTOR_SHIFT,
+                                          zeros[:min(len(zeros), off + n - pos)], fua))
     return 0

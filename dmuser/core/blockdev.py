@@ -283,7 +283,7 @@ class FileDevice(BlockDevice):
         """Up to ``nbytes`` from ``sector`` (fewer only at the end of the file)."""
         return os.pread(self.fd, nbytes, sector << SECTOR_SHIFT)
 
-    def pwrite_inline(self, sector: int, data: bytes | memoryview) -> None:
+    def pwrite_inline(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         _pwrite_full(self.fd, data, sector << SECTOR_SHIFT)  # type: ignore[arg-type]
 
     async def _submit(self, bio: Bio) -> None:

@@ -155,7 +155,7 @@ class MappedDevice(BlockDevice):
             return None
         return data if len(data) == nbytes else None
 
-    def write_direct(self, sector: int, data: bytes | memoryview) -> bool:
+    def write_direct(self, sector: int, data: bytes | bytearray | memoryview) -> bool:
         """Write ``data`` (whole sectors) at ``sector`` by the direct path; False if not done."""
         place = self._direct_place(True, sector, len(data))
         if place is None:

@@ -16,6 +16,7 @@ import trio
 from support.data import make_image, pattern
 from support.targets import ProbeTarget, make_manager, remove_all_checked
 
+from dmuser.byte_io import range_lock
 from dmuser.core.errors import DeviceBusyError
 from dmuser.core.manager import DeviceManager
 from dmuser.fuse_ops import DeviceFS
@@ -290,7 +291,7 @@ async def test_concurrent_unaligned_writes_lose_nothing(env: Env, seed: int) -> 
             nursery.start_soon(writer, start, data)
     assert env.device_bytes() == bytes(env.model)
     node = env.fs._handles[fh]
-    assert node.lock.held() == 0
+    assert range_lock(node.md).held() == 0
 
 
 async def test_concurrent_reads_and_writes_same_sector(env: Env) -> None:
@@ -338,4 +339,4 @@ async def test_unexpected_errors_become_fuse_errors(env: Env,
     with pytest.raises(pyfuse3.FUSEError) as info:
         await env.fs.write(fh, 1, b"ab")
     assert fuse_errno(info) == want
-    assert env.fs._handles[fh].lock.held() == 0, "a failed write must drop its range lock"
+    assert range_lock(env.fs._handles[fh].md).held() == 0, "a failed write must drop its range lock"

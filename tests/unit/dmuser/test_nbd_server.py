@@ -247,3 +247,27 @@ async def test_structured_replies(mgr: DeviceManager, img: tuple[Path, bytes]) -
     assert await chunk() == (1, nbd.ReplyType.NONE, 3, b"")
     sock.close()
     await run(mgr, "unexport", name="src")
+
+
+async def test_nbd_writes_wait_for_the_same_range_lock_as_fuse_writes(
+        mgr: DeviceManager, img: tuple[Path, bytes]) -> None:
+    """One lock per device for every door: an unaligned NBD write of sector 3
+    waits while the range is held (as by a FUSE read-modify-write), then lands."""
+    from dmuser.byte_io import range_lock
+    from dmuser.nbd_session import _write
+
+    path, _ = img
+    await run(mgr, "create", name="d", table=f"0 64 linear {path} 0")
+    md = mgr.get("d")
+    done = trio.Event()
+
+    async def nbd_write() -> None:
+        await _write(md, 3 * 512 + 100, 10, bytearray(b"x" * 10), ReqFlag.NONE)
+        done.set()
+
+    async with trio.open_nursery() as nursery, range_lock(md).hold(3, 4):
+        nursery.start_soon(nbd_write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+    assert done.is_set()
+    assert bytes(await md.read(3, 1))[100:110] == b"x" * 10

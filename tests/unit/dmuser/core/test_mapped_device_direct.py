@@ -21,6 +21,7 @@ import trio.testing
 from support.data import make_image
 from support.targets import make_manager, remove_all_checked
 
+from dmuser.byte_io import range_lock
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.fuse_ops import DeviceFS
@@ -142,7 +143,7 @@ async def test_held_range_excludes_direct_write_only_if_it_overlaps(
     done, release = trio.Event(), trio.Event()
 
     async def holder(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with node.lock.hold(*held):  # as an unaligned write in progress would
+        async with range_lock(node.md).hold(*held):  # as an unaligned write in progress would
             task_status.started()
             await release.wait()
 
