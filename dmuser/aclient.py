@@ -81,23 +81,25 @@ class AsyncClient:
     async def call(self, verb: str, **fields: Any) -> Reply:
         return await self._run(calls.raw(verb, **fields))
 
-    async def create(self, name: str, table: Table | None = None, *, uuid: str = "") -> str:
-        return await self._run(calls.create(name, table, uuid))
+    async def create(self, name: str, table: Table | None = None, *, uuid: str = "",
+                     read_only: bool = False) -> str:
+        return await self._run(calls.create(name, table, uuid, read_only))
 
-    async def reload(self, name: str, table: Table) -> None:
-        await self._run(calls.reload(name, table))
+    async def reload(self, name: str, table: Table, *, read_only: bool = False) -> None:
+        await self._run(calls.reload(name, table, read_only))
 
-    async def suspend(self, name: str, *, noflush: bool = False) -> None:
-        await self._run(calls.simple("suspend", name, noflush=noflush))
+    async def suspend(self, name: str, *, noflush: bool = False,
+                      nolockfs: bool = False) -> None:
+        await self._run(calls.simple("suspend", name, noflush=noflush, nolockfs=nolockfs))
 
-    async def resume(self, name: str) -> None:
-        await self._run(calls.simple("resume", name))
+    async def resume(self, name: str, *, nolockfs: bool = False) -> None:
+        await self._run(calls.simple("resume", name, nolockfs=nolockfs))
 
     async def clear(self, name: str) -> None:
         await self._run(calls.simple("clear", name))
 
-    async def remove(self, name: str, *, force: bool = False) -> None:
-        await self._run(calls.simple("remove", name, force=force))
+    async def remove(self, name: str, *, force: bool = False, deferred: bool = False) -> None:
+        await self._run(calls.simple("remove", name, force=force, deferred=deferred))
 
     async def message(self, name: str, sector: int | str,
                       message: str | Sequence[str]) -> str:

@@ -91,15 +91,15 @@ def raw(verb: str, **fields: Any) -> Call[Reply]:
     return Call({"verb": verb, "cwd": os.getcwd(), **fields}, lambda r: r)
 
 
-def create(name: str, table: Table | None, uuid: str) -> Call[str]:
+def create(name: str, table: Table | None, uuid: str, read_only: bool = False) -> Call[str]:
     req = {"verb": "create", "name": name, "uuid": uuid, "cwd": os.getcwd(),
-           "table": None if table is None else table_text(table)}
+           "table": None if table is None else table_text(table), "read_only": read_only}
     return Call(req, lambda r: str(r.data["path"]))
 
 
-def reload(name: str, table: Table) -> Call[None]:
+def reload(name: str, table: Table, read_only: bool = False) -> Call[None]:
     return Call({"verb": "reload", "name": name, "table": table_text(table),
-                 "cwd": os.getcwd()}, _none)
+                 "cwd": os.getcwd(), "read_only": read_only}, _none)
 
 
 def simple(verb: str, name: str, **fields: Any) -> Call[None]:

@@ -76,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tunables", "each defaults to its environment variable, else the value shown")
     for f in Config.fields():
         kind = field_kind(f)
-        if kind is parse_bool:  # a switch: '--name' alone turns it on
+        if kind is parse_bool:  # a switch: '--name' alone turns it on, '--no-name' off
             tunables.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                                   nargs="?", const=True, metavar="on|off",
-                                  help=f"{f.metadata['help']} (${Config.env_name(f.name)}; "
-                                       "default off)")
+                                  help=f"{f.metadata['help']} (${Config.env_name(f.name)})")
+            tunables.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                  action="store_const", const=False,
+                                  help=f"the same as --{f.name.replace('_', '-')} off")
             continue
         tunables.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                               metavar=kind.__name__.upper(),
@@ -92,17 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_table_source(p)
     p.add_argument("--notable", action="store_true", help="create without a table")
     p.add_argument("--uuid", default="")
+    p.add_argument("-r", "--readonly", action="store_true", help="a read-only table")
     _add_socket(p)
 
     p = sub.add_parser("reload", help="load an inactive table (activate it with resume)")
     p.add_argument("name")
     _add_table_source(p)
+    p.add_argument("-r", "--readonly", action="store_true", help="a read-only table")
     _add_socket(p)
 
     p = sub.add_parser("remove", help="remove a device")
     p.add_argument("name")
     p.add_argument("--force", action="store_true",
                    help="remove even while open: its I/O then fails")
+    p.add_argument("--deferred", action="store_true",
+                   help="if busy, remove it when its last opener closes")
     _add_socket(p)
 
     for verb, text in (("suspend", "hold new I/O and drain I/O in flight"),
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--noflush", action="store_true",
                            help="let targets requeue the bios they hold (a mirror's writes "
                                 "after a leg failure) until resume, instead of failing them")
+        if verb in ("suspend", "resume"):
+            p.add_argument("--nolockfs", action="store_true",
+                           help="do not freeze the file system mounted on the block device")
         _add_socket(p)
 
     for verb, text in (("ls", "list devices"),
@@ -153,11 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="serve the device over NBD (docs/nbd.md)")
     p.add_argument("name")
     p.add_argument("address", metavar="ADDR",
-                   help="HOST:PORT (loopback unless --insecure) or a Unix socket path")
+                   help="HOST:PORT (loopback unless TLS or --insecure-tcp) or a Unix "
+                   "socket path")
     p.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
     p.add_argument("--export-name", metavar="NAME", help="NBD export name (default: the device's)")
-    p.add_argument("--insecure", action="store_true",
+    p.add_argument("--insecure-tcp", "--insecure", dest="insecure", action="store_true",
                    help="allow a non-loopback TCP address without TLS")
+    p.add_argument("--tls-cert", metavar="FILE", help="require TLS: the server's certificate "
+                   "(PEM); with --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="also require a client certificate signed by this CA (PEM)")
+    p.add_argument("--allow", metavar="NET", action="append",
+                   help="admit only clients from this address or ADDR/PREFIX (repeatable)")
     _add_socket(p)
 
     p = sub.add_parser("unexport", help="stop serving the device over NBD")
@@ -220,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = Config.build({f.name: getattr(args, f.name) for f in Config.fields()},
-                              os.environ)
+                              os.environ, root=os.geteuid() == 0)
     except ValueError as exc:
         print(f"dmuser: serve: {exc}", file=sys.stderr)
         return 2
@@ -285,15 +302,17 @@ def _run(c: Client, args: argparse.Namespace) -> int:
     """One verb through the client; its output on stdout.  Errors propagate."""
     verb = args.verb
     if verb == "create":
-        c.create(args.name, _read_table(args), uuid=args.uuid)
+        c.create(args.name, _read_table(args), uuid=args.uuid, read_only=args.readonly)
     elif verb == "reload":
-        c.reload(args.name, _read_table(args) or "")
+        c.reload(args.name, _read_table(args) or "", read_only=args.readonly)
     elif verb == "remove":
-        c.remove(args.name, force=args.force)
+        c.remove(args.name, force=args.force, deferred=args.deferred)
     elif verb == "suspend":
-        c.suspend(args.name, noflush=args.noflush)
-    elif verb in ("resume", "clear"):
-        getattr(c, verb)(args.name)
+        c.suspend(args.name, noflush=args.noflush, nolockfs=args.nolockfs)
+    elif verb == "resume":
+        c.resume(args.name, nolockfs=args.nolockfs)
+    elif verb == "clear":
+        c.clear(args.name)
     elif verb == "shutdown":
         c.shutdown()
     elif verb == "message":
@@ -307,7 +326,8 @@ def _run(c: Client, args: argparse.Namespace) -> int:
     elif verb == "export":
         reply = c.call("export", name=args.name, address=args.address, cwd=os.getcwd(),
                        read_only=args.read_only, insecure=args.insecure,
-                       export_name=args.export_name)
+                       export_name=args.export_name, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key, tls_ca=args.tls_ca, allow=args.allow)
         sys.stdout.write(reply.output)
     elif verb == "unexport":
         c.call("unexport", name=args.name, address=args.address)

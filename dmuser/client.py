@@ -152,31 +152,36 @@ class Client:
         CLI prints them.  Error replies raise, as for the typed methods."""
         return self._run(calls.raw(verb, **fields))
 
-    def create(self, name: str, table: Table | None = None, *, uuid: str = "") -> str:
+    def create(self, name: str, table: Table | None = None, *, uuid: str = "",
+               read_only: bool = False) -> str:
         """Create ``name``, load ``table`` (a string of lines, or a sequence of lines)
         and activate it; without a table the device is created empty (``--notable``).
-        Returns the device's file on the mount."""
-        return self._run(calls.create(name, table, uuid))
+        ``read_only``: writes fail with EPERM.  Returns the device's file on the mount."""
+        return self._run(calls.create(name, table, uuid, read_only))
 
-    def reload(self, name: str, table: Table) -> None:
+    def reload(self, name: str, table: Table, *, read_only: bool = False) -> None:
         """Load ``table`` as the inactive table; :meth:`resume` makes it live."""
-        self._run(calls.reload(name, table))
+        self._run(calls.reload(name, table, read_only))
 
-    def suspend(self, name: str, *, noflush: bool = False) -> None:
-        """Hold new I/O and drain I/O in flight; ``noflush`` lets targets requeue."""
-        self._run(calls.simple("suspend", name, noflush=noflush))
+    def suspend(self, name: str, *, noflush: bool = False, nolockfs: bool = False) -> None:
+        """Hold new I/O and drain I/O in flight; ``noflush`` lets targets requeue.
+        Unless ``nolockfs``, a file system mounted on the device's block device is
+        frozen first (and thawed by :meth:`resume`)."""
+        self._run(calls.simple("suspend", name, noflush=noflush, nolockfs=nolockfs))
 
-    def resume(self, name: str) -> None:
-        """Swap in the inactive table, if any, and release held I/O."""
-        self._run(calls.simple("resume", name))
+    def resume(self, name: str, *, nolockfs: bool = False) -> None:
+        """Swap in the inactive table, if any, and release held I/O (a running device
+        is suspended for the swap, frozen unless ``nolockfs``)."""
+        self._run(calls.simple("resume", name, nolockfs=nolockfs))
 
     def clear(self, name: str) -> None:
         """Drop the inactive table."""
         self._run(calls.simple("clear", name))
 
-    def remove(self, name: str, *, force: bool = False) -> None:
-        """Remove the device; ``force`` removes it while open (its I/O then fails)."""
-        self._run(calls.simple("remove", name, force=force))
+    def remove(self, name: str, *, force: bool = False, deferred: bool = False) -> None:
+        """Remove the device; ``force`` removes it while open (its I/O then fails);
+        ``deferred`` marks a busy device, which goes when its last opener closes."""
+        self._run(calls.simple("remove", name, force=force, deferred=deferred))
 
     def message(self, name: str, sector: int | str, message: str | Sequence[str]) -> str:
         """Send a target message (a string is split into words); the target's answer."""

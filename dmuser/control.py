@@ -21,7 +21,7 @@ import trio
 from dmuser.core.args import parse_uint
 from dmuser.core.errors import DmError, TableError
 from dmuser.core.manager import DeviceManager
-from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.mapped_device import DeviceInfo, MappedDevice
 from dmuser.core.target import StatusType
 from dmuser.nbd_server import server_for
 
@@ -55,13 +55,14 @@ def _devices(mgr: DeviceManager, req: dict[str, Any]) -> list[MappedDevice]:
 
 @verb("create")
 async def create(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    md = await mgr.create(req["name"], req.get("table"), req.get("cwd", "/"), req.get("uuid", ""))
+    md = await mgr.create(req["name"], req.get("table"), req.get("cwd", "/"), req.get("uuid", ""),
+                          read_only=bool(req.get("read_only")))
     return Reply(data={"name": md.name, "path": md.path})
 
 
 @verb("remove")
 async def remove(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    await mgr.remove(req["name"], bool(req.get("force")))
+    await mgr.remove(req["name"], bool(req.get("force")), deferred=bool(req.get("deferred")))
     return Reply()
 
 
@@ -69,7 +70,7 @@ async def remove(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
 async def reload(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     md = mgr.get(req["name"])
     table = await mgr.build_table(md, req["table"], req.get("cwd", "/"))
-    await md.load(table)
+    await md.load(table, read_only=bool(req.get("read_only")))
     return Reply()
 
 
@@ -86,15 +87,16 @@ VERBS["clear"] = _state_verb("clear")
 
 @verb("resume")
 async def resume(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    md = mgr.get(req["name"])
-    await md.resume()
-    await mgr.sync_block_device(md)  # with --block-devices: attach, or resize
+    """Swap in the inactive table; with block devices also attach, resize, thaw."""
+    await mgr.resume(mgr.get(req["name"]), nolockfs=bool(req.get("nolockfs")))
     return Reply()
 
 
 @verb("suspend")
 async def suspend(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
-    await mgr.get(req["name"]).suspend(noflush=bool(req.get("noflush")))
+    """Unless ``nolockfs``, freeze the file system on the block device first."""
+    await mgr.suspend(mgr.get(req["name"]), noflush=bool(req.get("noflush")),
+                      nolockfs=bool(req.get("nolockfs")))
     return Reply()
 
 
@@ -130,7 +132,9 @@ async def export(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     found = await server_for(mgr).export(
         req["name"], req["address"], cwd=req.get("cwd", "/"),
         read_only=bool(req.get("read_only")), insecure=bool(req.get("insecure")),
-        export_name=req.get("export_name"))
+        export_name=req.get("export_name"), tls_cert=req.get("tls_cert"),
+        tls_key=req.get("tls_key"), tls_ca=req.get("tls_ca"),
+        allow=[str(a) for a in req.get("allow") or ()])
     return Reply(found["uri"] + "\n", found)
 
 
@@ -165,12 +169,13 @@ VERBS["table"] = _table_verb(StatusType.TABLE)
 VERBS["status"] = _table_verb(StatusType.INFO)
 
 
-def format_info(md: MappedDevice, exports: Sequence[dict[str, Any]] = ()) -> str:
-    i = md.info()
+def format_info(i: DeviceInfo, exports: Sequence[dict[str, Any]] = ()) -> str:
     tables = " & ".join(t for t, present in (("LIVE", i.live), ("INACTIVE", i.inactive))
                         if present) or "None"
     rows = [("Name", i.name),
-            ("State", "SUSPENDED" if i.suspended else "ACTIVE"),
+            ("State", ("SUSPENDED" if i.suspended else "ACTIVE")
+             + (" (READ-ONLY)" if i.read_only else "")
+             + (" (DEFERRED REMOVE)" if i.deferred_remove else "")),
             ("Tables present", tables),
             ("Open count", str(i.open_count)),
             ("Event number", str(i.event_nr)),
@@ -192,9 +197,9 @@ async def info(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     if not devices:
         return Reply("No devices found\n", [])
     exports = {md.name: _exports(mgr, md) for md in devices}
-    return Reply("\n".join(format_info(md, exports[md.name].get("exports", []))
-                           for md in devices),
-                 [{**dataclasses.asdict(md.info()), **exports[md.name]} for md in devices])
+    infos = await mgr.infos(devices)
+    return Reply("\n".join(format_info(i, exports[i.name].get("exports", [])) for i in infos),
+                 [{**dataclasses.asdict(i), **exports[i.name]} for i in infos])
 
 
 @verb("message")
@@ -206,6 +211,9 @@ async def message(mgr: DeviceManager, req: dict[str, Any]) -> Reply:
     sector = parse_uint(str(req.get("sector", "")))
     if sector is None:
         raise TableError("Invalid target message parameters.")
+    if words == ["@cancel_deferred_remove"]:  # the dm core's own message
+        md.deferred_remove = False
+        return Reply()
     if md.live is None or sector >= md.nr_sectors:
         raise TableError("Target message sector outside device.")
     result = await md.live.target_at(sector).message(words)

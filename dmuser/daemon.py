@@ -14,8 +14,9 @@ Life cycle (``docs/daemon.md``):
    before that, and writes that were acknowledged are durable after it.
 
 Verbs that change the namespace or build tables (create, reload, clear,
-remove) run one at a time under ``_namespace_lock``, so device resolution and
-holder counts never interleave.  Suspend and resume take only the device's own
+remove) run one at a time under the manager's ``namespace_lock`` (which a
+deferred remove takes too when it acts), so device resolution and holder counts
+never interleave.  Suspend and resume take only the device's own
 lock (``mapped_device.py``): a suspend waiting for I/O to drain must not stop
 a resume of the device that I/O is waiting on.  I/O never takes these locks.
 """
@@ -42,7 +43,7 @@ from dmuser.core.errors import DmError
 from dmuser.core.loopdev import MAPPER_DIR, LoopDevices, cleanup_stale
 from dmuser.core.manager import DeviceManager
 from dmuser.core.target import TargetRegistry
-from dmuser.fuse_ops import DeviceFS
+from dmuser.fuse_ops import MAX_REQUESTS, DeviceFS
 from dmuser.nbd_server import NbdServer
 from dmuser.targets.delay import DelayTarget
 from dmuser.targets.dust import DustTarget
@@ -144,7 +145,6 @@ class Daemon:
             self.manager.loops = LoopDevices(self.mountpoint)
         self.fs = DeviceFS(self.manager)
         self.nbd = NbdServer(self.manager)
-        self._namespace_lock = trio.Lock()
         self._stopping = False
 
     def run(self, ready_fd: int | None = None) -> None:
@@ -175,7 +175,7 @@ class Daemon:
             self.manager.service_nursery = nursery
 
             async def fuse_loop() -> None:
-                await pyfuse3.main()
+                await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(fuse_loop)
@@ -204,9 +204,9 @@ class Daemon:
         try:
             # NBD clients first: their requests in flight finish before the quiesce
             await self.nbd.stop()
-            async with self._namespace_lock:
-                # loop devices first: their last writeback needs the devices running
-                await self.manager.detach_all()
+            async with self.manager.namespace_lock:
+                # loop devices first (quiesce_all): their last writeback needs the
+                # devices running
                 await self.manager.quiesce_all()
                 await self.manager.remove_all()
         finally:
@@ -285,7 +285,7 @@ class Daemon:
             if self._stopping:
                 raise DmError("the daemon is shutting down", errno.ESHUTDOWN)
             if verb in NAMESPACE_VERBS:
-                async with self._namespace_lock:
+                async with self.manager.namespace_lock:
                     result = await dispatch(self.manager, req)
             else:
                 result = await dispatch(self.manager, req)

@@ -262,12 +262,20 @@ class DeviceInfo:
     nr_sectors: int
     path: str
     in_flight: int
+    #: the block device (``/dev/loopN``) and its ``MAJ:MIN`` when it has one, else ""
+    block_device: str = ""
+    block_devno: str = ""
+    #: the live table was loaded read-only (``create``/``reload --readonly``)
+    read_only: bool = False
+    #: ``remove --deferred`` is pending: it goes when its last opener closes
+    deferred_remove: bool = False
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> DeviceInfo:
         """From one entry of the reply's list; fields unknown here are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data)
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        missing = {f.name for f in fields if f.default is dataclasses.MISSING} - set(data)
         if missing:
             raise ValueError(f"info reply lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -19,7 +19,16 @@ Each field ``name`` is set by ``dmuser serve --name-with-dashes``, else by
 | ``resync_throttle`` | 100 % | mirror resync's share of time with I/O in flight |
 | ``snapshot_copy_pool_pages`` | 4096 | memory for a snapshot's copy-outs in flight |
 | ``snapshot_cow_threshold`` | 2048 | copy-outs in progress before writes wait |
-| ``block_devices`` | off | a loop device and /dev/mapper/NAME per device (root only) |
+| ``snapshot_hold_bytes`` | 16 MiB | origin writes held until their exceptions commit (0: none) |
+| ``snapshot_hold_ms`` | 1000 ms | longest a held origin write waits before a group commit starts |
+| ``block_devices`` | on as root | a loop device and /dev/mapper/NAME per device (root only) |
+| ``nbd_timeout`` | 30.0 s | an unanswered NBD request kills its connection (0: never) |
+
+``block_devices`` is the one field whose default depends on the caller:
+:meth:`Config.build` takes ``root`` (``dmuser serve`` passes whether its euid
+is 0), so that as root every device gets a block device unless
+``--no-block-devices`` (or ``$DMUSER_BLOCK_DEVICES=0``) says otherwise, and
+without root nothing is attempted unless asked for (and then refused).
 """
 
 from __future__ import annotations
@@ -75,9 +84,22 @@ class Config:
     snapshot_cow_threshold: int = _tunable(
         2048, "copy-outs in progress before a snapshot's writes wait "
         "(dm-snap's snapshot_cow_threshold)", minimum=1)
+    snapshot_hold_bytes: int = _tunable(
+        16 << 20, "bytes of origin writes per origin acknowledged before the snapshot "
+        "exceptions they need are durable, held in memory until a group commit; 0 commits "
+        "every first write before it completes, as the kernel does "
+        "(docs/snapshot-protocol.md)")
+    snapshot_hold_ms: int = _tunable(
+        1000, "milliseconds the oldest held origin write waits before a group commit "
+        "starts (docs/snapshot-protocol.md)", minimum=1)
     block_devices: bool = _tunable(
         False, "give each device with a live table a block device: a loop device on its "
-        "file, linked as /dev/mapper/NAME (root only; docs/daemon.md)")
+        "file, linked as /dev/mapper/NAME (root only, and on by default as root; "
+        "docs/daemon.md)")
+    nbd_timeout: float = _tunable(
+        30.0, "seconds an NBD table device (nbd:// word) waits for a reply before it "
+        "closes the connection and fails its I/O with EIO, as for a dead server; "
+        "0: wait forever (docs/nbd.md)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -96,11 +118,12 @@ class Config:
         return ENV_PREFIX + name.upper()
 
     @classmethod
-    def build(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    def build(cls, options: Mapping[str, Any], environ: Mapping[str, str], *,
+              root: bool = False) -> Config:
         """Each field from ``options`` (None: not given), else from its environment
-        variable, else its default.  Raises ValueError naming the field or
-        variable whose value is bad."""
-        values: dict[str, Any] = {}
+        variable, else its default (``block_devices``: ``root``).  Raises ValueError
+        naming the field or variable whose value is bad."""
+        values: dict[str, Any] = {"block_devices": root}
         for f in cls.fields():
             kind = field_kind(f)
             given = options.get(f.name)

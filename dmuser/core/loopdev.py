@@ -7,6 +7,15 @@ device is ``../dm-N``).  Guarantees:
 * the loop device and the link are made when the device first has a live
   table and kept for its life; a table swap that changes the size updates the
   loop device's capacity (``losetup -c``);
+* the loop device is read-only (BLKROSET) exactly while the device's live
+  table is (``--readonly``), so writes to it fail with EPERM and ``mount``
+  falls back to read-only, as on a kernel dm device;
+* :meth:`LoopDevices.freeze` freezes (FIFREEZE) the file systems mounted on
+  the loop device before a suspend stops I/O, and :meth:`LoopDevices.thaw`
+  thaws them after the resume: the kernel's lockfs.  Both write through the
+  device (the freeze its dirty data, ext4's thaw its superblock), so the
+  freeze runs before the device closes its door, the thaw only once it is
+  open again, and both in a worker thread;
 * ``remove`` refuses while the loop device is open (an ``O_EXCL`` open of it
   fails with EBUSY: mounted, or held by another process) unless forced, and
   then detaches it and removes the link;
@@ -33,6 +42,13 @@ import subprocess
 
 import trio
 
+from dmuser.core.blockdev import (
+    freeze_fs,
+    mountpoints_of,
+    openers,
+    set_read_only,
+    thaw_fs,
+)
 from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
 from dmuser.core.mapped_device import MappedDevice
 
@@ -66,6 +82,9 @@ class LoopDevices:
     def __init__(self, mountpoint: str) -> None:
         self.mountpoint = mountpoint
         self._sectors: dict[str, int] = {}
+        self._read_only: dict[str, bool] = {}
+        #: device name -> the mount points this daemon froze (thawed at resume)
+        self._frozen: dict[str, list[str]] = {}
 
     async def attach(self, md: MappedDevice) -> None:
         """Give ``md`` (in the namespace, with a live table) its loop device and link."""
@@ -83,28 +102,88 @@ class LoopDevices:
         md.block_device = dev
         md.block_devno = f"{os.major(rdev)}:{os.minor(rdev)}"
         self._sectors[md.name] = md.nr_sectors
+        self._read_only[md.name] = False
         log.info("%s: block device %s (%s), %s", md.name, dev, md.block_devno, link)
+        await self.update(md)
 
-    async def resize(self, md: MappedDevice) -> None:
-        """Tell the loop driver the new size after a table swap changed it."""
-        if md.block_device and self._sectors.get(md.name) != md.nr_sectors:
+    async def update(self, md: MappedDevice) -> None:
+        """After a table swap: tell the loop driver a new size, and make the loop
+        device read-only or writable as the live table is."""
+        if not md.block_device:
+            return
+        if self._sectors.get(md.name) != md.nr_sectors:
             await _losetup("-c", md.block_device)
             self._sectors[md.name] = md.nr_sectors
             log.info("%s: %s resized to %d sectors", md.name, md.block_device, md.nr_sectors)
+        if self._read_only.get(md.name) != md.read_only:
+            try:
+                await trio.to_thread.run_sync(set_read_only, md.block_device, md.read_only)
+            except OSError as exc:
+                raise DmError(f"{md.block_device}: cannot set read-only: {exc.strerror}",
+                              exc.errno or errno.EIO) from None
+            self._read_only[md.name] = md.read_only
+
+    async def freeze(self, md: MappedDevice) -> None:
+        """FIFREEZE every file system mounted on ``md``'s block device (none: nothing).
+        One already frozen by someone else stays theirs to thaw.  A failure thaws
+        what was frozen and raises DmError."""
+        if not md.block_devno or md.name in self._frozen:
+            return
+        frozen: list[str] = []
+        try:
+            for mnt in mountpoints_of(md.block_devno, md.block_device):
+                if await trio.to_thread.run_sync(freeze_fs, mnt):
+                    frozen.append(mnt)
+                    log.info("%s: froze %s", md.name, mnt)
+        except OSError as exc:
+            for mnt in frozen:
+                await trio.to_thread.run_sync(thaw_fs, mnt)
+            raise DmError(f"{md.name}: cannot freeze the file system on {md.block_device}: "
+                          f"{exc.strerror}", exc.errno or errno.EIO) from None
+        if frozen:
+            self._frozen[md.name] = frozen
+
+    async def thaw(self, md: MappedDevice) -> None:
+        """FITHAW what :meth:`freeze` froze; errors are logged (the device runs).
+        Call it only when ``md`` is not suspended: a thaw may write."""
+        for mnt in self._frozen.pop(md.name, []):
+            try:
+                await trio.to_thread.run_sync(thaw_fs, mnt)
+                log.info("%s: thawed %s", md.name, mnt)
+            except OSError as exc:
+                log.error("%s: cannot thaw %s: %s", md.name, mnt, exc.strerror)
+
+    async def is_open(self, md: MappedDevice) -> bool:
+        """True if the loop device is open: held exclusively (an ``O_EXCL`` probe
+        fails with EBUSY: mounted, swap, a holder) or counted by :meth:`open_counts`."""
+        if not md.block_device:
+            return False
+        try:
+            await trio.to_thread.run_sync(_open_exclusive, md.block_device)
+        except OSError as exc:
+            return exc.errno == errno.EBUSY
+        return (await self.open_counts([md])).get(md.name, 0) > 0
+
+    async def open_counts(self, devices: list[MappedDevice]) -> dict[str, int]:
+        """Opens of the block devices of ``devices`` (by name; those with one), as the
+        kernel counts a dm device's (``blockdev.openers``: one ``/proc`` scan)."""
+        devnos = {md.block_devno: md.name for md in devices if md.block_devno}
+        if not devnos:
+            return {}
+        try:
+            counts = await trio.to_thread.run_sync(openers, list(devnos))
+        except OSError as exc:
+            log.error("cannot count the openers of %s: %s", ", ".join(devnos), exc)
+            return {}
+        return {devnos[devno]: n for devno, n in counts.items()}
 
     async def check_unused(self, md: MappedDevice) -> None:
-        """Raise DeviceBusyError if the loop device is open (mounted or held)."""
-        if not md.block_device:
-            return
+        """Raise DeviceBusyError if the loop device is open (mounted or held), after
+        retrying for :data:`BUSY_RETRY_SECONDS`."""
         with trio.move_on_after(BUSY_RETRY_SECONDS):
-            while True:
-                try:
-                    await trio.to_thread.run_sync(_open_exclusive, md.block_device)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        return
+            while await self.is_open(md):
                 await trio.sleep(0.1)
+            return
         raise DeviceBusyError(f"Device {md.name} is busy: its block device {md.block_device} "
                               f"({link_path(md.name)}) is open (mounted or held). Unmount it, "
                               "or use --force to remove the device anyway.")
@@ -125,6 +204,7 @@ class LoopDevices:
             log.error("%s: %s", md.name, exc)
         md.block_device = md.block_devno = ""
         self._sectors.pop(md.name, None)
+        self._read_only.pop(md.name, None)
 
 
 def cleanup_stale(mountpoint: str) -> list[str]:

@@ -12,19 +12,20 @@ Resolving a table word to a device (``dm_get_device``):
   daemon through its own FUSE file).
 * any other path — an image file or block device, relative paths taken from
   the client's working directory.
-* ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` — a remote
-  NBD export (``nbd_device.py``).  Each such word gets a connection of its
+* ``nbd[s]://host[:port]/export`` or ``nbd[s]+unix:///export?socket=PATH`` — a
+  remote NBD export (``nbd_device.py``).  Each such word gets a connection of its
   own, made (asynchronously) before the table's constructors run, because
   resolution itself is synchronous; a reload therefore reconnects.
 
-Backing files are opened once and shared (reference counted by identity), and
-a mapped device used by another table counts a holder, which blocks its
-removal.  A table may not refer to its own device, directly or through the
-devices it stacks on.
+Backing files are opened once and shared, real block devices claimed with
+``O_EXCL`` (``backing.py``), and a mapped device used by another table counts
+a holder, which blocks its removal.  A table may not refer to its own device,
+directly or through the devices it stacks on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -34,7 +35,8 @@ from typing import Any
 
 import trio
 
-from dmuser.core.bio import Bio
+from dmuser.core import shutdown
+from dmuser.core.backing import BackingFiles
 from dmuser.core.blockdev import BlockDevice, FileDevice, IoPolicy
 from dmuser.core.config import Config
 from dmuser.core.errors import (
@@ -45,8 +47,9 @@ from dmuser.core.errors import (
     TableError,
 )
 from dmuser.core.loopdev import MAPPER_DIR, LoopDevices
-from dmuser.core.mapped_device import MappedDevice
-from dmuser.core.nbd_device import NbdDevice, is_nbd_uri, parse_uri
+from dmuser.core.mapped_device import DeviceInfo, MappedDevice
+from dmuser.core.nbd_device import NbdDevice
+from dmuser.core.nbd_wire import is_nbd_uri, parse_uri
 from dmuser.core.table import Table, TargetServices, parse_table
 from dmuser.core.target import TargetRegistry
 from dmuser.core.units import MAX_DEVICE_SECTORS
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 _MAJ_MIN = re.compile(r"^(\d+):(\d+)$")
 MAX_NAME_LEN = 127
+#: how often a device with a deferred remove pending is checked for its last close
+DEFERRED_POLL_SECONDS = 0.2
 
 
 def check_name(name: str) -> None:
@@ -62,12 +67,6 @@ def check_name(name: str) -> None:
             or "\0" in name or not name.isprintable():
         raise TableError(f"invalid device name {name!r}: use 1-{MAX_NAME_LEN} printable "
                          "characters, no '/'")
-
-
-def _stacked_on(md: MappedDevice) -> set[MappedDevice]:
-    """The mapped devices ``md``'s live and inactive tables use directly."""
-    return {dev for table in (md.live, md.inactive) if table is not None
-            for dev in table.devices() if isinstance(dev, MappedDevice)}
 
 
 def _block_device_path(maj_min: str) -> str:
@@ -99,13 +98,16 @@ class DeviceManager:
         #: state a target type shares between its instances (see TargetContext.shared)
         self._shared: dict[str, Any] = {}
         self.devices: dict[str, MappedDevice] = {}
-        self._backing: dict[tuple[int, ...], tuple[FileDevice, int]] = {}
+        self._backing = BackingFiles()
         #: called when a device appears or disappears (the FUSE layer listens)
         self.on_change: Callable[[], None] | None = None
         #: where targets run background work; set by the daemon (see TargetContext)
         self.service_nursery: trio.Nursery | None = None
         #: the block devices of ``serve --block-devices``; None when off
         self.loops: LoopDevices | None = None
+        #: verbs that change the namespace or build tables hold it (``daemon.py``),
+        #: and so does a deferred remove when it acts
+        self.namespace_lock = trio.Lock()
 
     def __iter__(self) -> Iterator[MappedDevice]:
         return iter(sorted(self.devices.values(), key=lambda md: md.name))
@@ -196,19 +198,11 @@ class DeviceManager:
         return next((md for md in self.devices.values() if md.block_devno == devno), None)
 
     def _open_backing(self, path: str) -> FileDevice:
-        dev = FileDevice(path, self.io_policy)
-        entry = self._backing.get(dev.key)
-        if entry is not None:
-            dev.close()
-            dev, count = entry
-            self._backing[dev.key] = (dev, count + 1)
-        else:
-            self._backing[dev.key] = (dev, 1)
-        return dev
+        return self._backing.acquire(path, self.io_policy)
 
     def open_backing_files(self) -> list[str]:
         """Paths of the backing files and block devices open now (for checks and reports)."""
-        return sorted(dev.path for dev, _ in self._backing.values())
+        return self._backing.paths()
 
     def release(self, dev: BlockDevice) -> None:
         """Give back a device obtained from a resolver."""
@@ -219,12 +213,7 @@ class DeviceManager:
             dev.close()
             return
         assert isinstance(dev, FileDevice)
-        _, count = self._backing[dev.key]
-        if count == 1:
-            del self._backing[dev.key]
-            dev.close()
-        else:
-            self._backing[dev.key] = (dev, count - 1)
+        self._backing.release(dev)
 
     async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
         specs = parse_table(text)
@@ -253,7 +242,8 @@ class DeviceManager:
         made: dict[str, list[NbdDevice]] = {}
         try:
             for word in words:
-                dev = await NbdDevice.connect(parse_uri(word, cwd), self.service_nursery)
+                dev = await NbdDevice.connect(parse_uri(word, cwd), self.service_nursery,
+                                              self.config.nbd_timeout)
                 made.setdefault(word, []).append(dev)
         except BaseException:
             for devs in made.values():
@@ -265,7 +255,7 @@ class DeviceManager:
     # -- verbs that change the namespace ------------------------------------------------
 
     async def create(self, name: str, table_text: str | None, cwd: str,
-                     uuid: str = "") -> MappedDevice:
+                     uuid: str = "", read_only: bool = False) -> MappedDevice:
         """``dmsetup create``: a new device, with its table loaded and resumed if given."""
         check_name(name)
         if name in self.devices:
@@ -275,7 +265,7 @@ class DeviceManager:
         md = MappedDevice(name, uuid, self.path_of(name))
         if table_text is not None:
             table = await self.build_table(md, table_text, cwd)
-            await md.load(table)
+            await md.load(table, read_only)
             try:
                 await md.resume()
             except BaseException:
@@ -293,86 +283,126 @@ class DeviceManager:
                 raise
         return md
 
+    async def infos(self, devices: list[MappedDevice]) -> list[DeviceInfo]:
+        """``info`` of ``devices``; the open count of one with a block device adds the
+        opens of that block device, as the kernel counts a dm device's."""
+        counts = await self.loops.open_counts(devices) if self.loops is not None else {}
+        return [dataclasses.replace(i, open_count=i.open_count + counts.get(i.name, 0))
+                for i in (md.info() for md in devices)]
+
+    async def suspend(self, md: MappedDevice, noflush: bool = False,
+                      nolockfs: bool = False) -> None:
+        """``dmsetup suspend``: unless ``nolockfs``, first freeze the file system
+        mounted on ``md``'s block device (it writes back through the device, so
+        before the door closes), then :meth:`MappedDevice.suspend`."""
+        if self.loops is not None and not nolockfs and not md.suspended:
+            await self.loops.freeze(md)
+        try:
+            await md.suspend(noflush)
+        except BaseException:
+            if self.loops is not None:
+                await self.loops.thaw(md)
+            raise
+
+    async def resume(self, md: MappedDevice, nolockfs: bool = False) -> None:
+        """``dmsetup resume``: a device running when a new table comes in is suspended
+        first (frozen unless ``nolockfs``), as the kernel's ``do_resume`` does; then
+        the swap, the block device's size and read-only state, and the thaw."""
+        if md.inactive is not None and not md.suspended:
+            await self.suspend(md, nolockfs=nolockfs)
+        await md.resume()
+        if self.loops is not None:
+            await self.sync_block_device(md)
+            await self.loops.thaw(md)
+
     async def sync_block_device(self, md: MappedDevice) -> None:
         """After a resume: give ``md`` its block device on its first live table, or
-        tell the loop driver a new size.  Nothing without ``--block-devices``."""
+        bring it up to date (size, read-only).  Nothing without block devices."""
         if self.loops is None or md.live is None or self.devices.get(md.name) is not md:
             return
         if md.block_device:
-            await self.loops.resize(md)
+            await self.loops.update(md)
         else:
             await self.loops.attach(md)
 
-    async def detach_all(self) -> None:
-        """Detach every block device (shutdown does this before it quiesces)."""
-        if self.loops is not None:
-            for md in list(self.devices.values()):
-                await self.loops.detach(md)
+    async def remove(self, name: str, force: bool = False, deferred: bool = False) -> None:
+        """``dmsetup remove``: refuse while open or held, unless forced (open only).
 
-    async def remove(self, name: str, force: bool = False) -> None:
-        """``dmsetup remove``: refuse while open or held, unless forced (open only)."""
+        With ``deferred`` a busy device is only marked (``info`` shows it) and is
+        removed by a background task once a check every
+        :data:`DEFERRED_POLL_SECONDS` finds it no longer busy (the same check
+        that refuses a plain remove); a device not busy goes at once.  The
+        caller holds :attr:`namespace_lock`.
+        """
         md = self.get(name)
         if md.holders:
-            raise DeviceBusyError(f"Device {name} is in use by another mapped device "
-                                  "(remove that one first).")
-        if self.loops is not None and not force:
-            await self.loops.check_unused(md)
-        # the loop device holds one open of the file: it is not a user
-        opens = md.open_count - (1 if md.block_device else 0)
-        if opens > 0 and not force:
-            raise DeviceBusyError(f"Device {name} is busy: open count {opens}. "
-                                  "Use --force to fail its I/O and remove it anyway.")
+            busy: str | None = (f"Device {name} is in use by another mapped device "
+                                "(remove that one first).")
+        elif force:
+            busy = None
+        else:
+            if self.loops is not None and not deferred:
+                await self.loops.check_unused(md)
+            busy = await self._busy(md)
+        if busy is None:
+            await self._remove(md)
+        elif deferred:
+            if self.service_nursery is None:
+                raise DmError("a deferred remove needs the daemon's service nursery")
+            if not md.deferred_remove:
+                md.deferred_remove = True
+                self.service_nursery.start_soon(self._remove_when_closed, md)
+        else:
+            raise DeviceBusyError(busy)
+
+    async def _busy(self, md: MappedDevice) -> str | None:
+        """Why ``md`` cannot be removed without force now, or None."""
+        if md.holders:
+            return f"Device {md.name} is in use by another mapped device."
+        if self.loops is not None and await self.loops.is_open(md):
+            return (f"Device {md.name} is busy: its block device {md.block_device} "
+                    f"({MAPPER_DIR}/{md.name}) is open (mounted or held).")
+        opens = md.user_opens
+        if opens > 0:
+            return (f"Device {md.name} is busy: open count {opens}. "
+                    "Use --force to fail its I/O and remove it anyway.")
+        return None
+
+    async def _remove_when_closed(self, md: MappedDevice) -> None:
+        """The deferred remove of ``md``: poll until it is not busy, then remove it.
+        Ends without removing if the mark is cancelled or the device is gone."""
+        while True:
+            await trio.sleep(DEFERRED_POLL_SECONDS)
+            async with self.namespace_lock:
+                if self.devices.get(md.name) is not md or not md.deferred_remove:
+                    return
+                if await self._busy(md) is None:
+                    log.info("%s: deferred remove: last opener closed", md.name)
+                    await self._remove(md)
+                    return
+
+    async def _remove(self, md: MappedDevice) -> None:
+        """Detach, forget and close ``md``; then thaw a file system its suspend froze
+        (a thaw writes: only now do those writes fail instead of waiting)."""
         if self.loops is not None:
             await self.loops.detach(md)
-        del self.devices[name]
+        del self.devices[md.name]
         self._changed()
         await md.close()
+        if self.loops is not None:
+            await self.loops.thaw(md)
+
+    # -- shutdown (``shutdown.py``) -----------------------------------------------------
 
     def stack_order(self) -> list[MappedDevice]:
         """Every device, each one before the devices its tables stack on (top-down)."""
-        order: list[MappedDevice] = []
-        seen: set[str] = set()
-
-        def visit(md: MappedDevice) -> None:
-            if md.name in seen:
-                return
-            seen.add(md.name)
-            for user in self:
-                if user is not md and md in _stacked_on(user):
-                    visit(user)
-            order.append(md)
-
-        for md in self:
-            visit(md)
-        return order
+        return shutdown.stack_order(list(self))
 
     async def quiesce_all(self) -> None:
-        """Suspend and flush every device, top-down; errors are logged, not raised.
-
-        Devices the user left suspended are resumed first (held I/O completes).
-
-        A device is suspended (its I/O drained) and flushed while the devices
-        below it still run, so its drain and its flush can reach them; the
-        kernel's tools suspend stacks in the same order.
-        """
-        for md in self:
-            if md.suspended:
-                # A device the user left suspended would hold the drain and the
-                # final flush of every device stacked on it forever.  Its pending
-                # reload dies with the daemon anyway: drop it and let I/O flow.
-                try:
-                    await md.clear()
-                    await md.resume()
-                except DmError as exc:
-                    log.error("%s: cannot resume for shutdown: %s", md.name, exc)
-        for md in self.stack_order():
-            await md.suspend()
-            if md.live is None:
-                continue
-            try:
-                await md.live.submit(Bio.flush())
-            except DmError as exc:
-                log.error("%s: final flush failed: %s", md.name, exc)
+        """Detach the block devices, then resume, suspend and flush every device,
+        top-down (``shutdown.py``)."""
+        await shutdown.detach_all(self)
+        await shutdown.quiesce_all(self)
 
     async def remove_all(self) -> None:
         """Remove every device, users before the devices they stack on."""

@@ -11,6 +11,9 @@ Guarantees (see ``docs/suspend-resume.md``):
   suspended and drained.  ``resume()`` with an inactive table suspends first if
   needed, as ``dmsetup resume`` does.
 * A table's targets are closed only after the table has left service.
+* A table loaded read-only (``--readonly``) makes the device read-only while
+  it is live: every write but an empty flush fails with EPERM, as a write to a
+  read-only kernel block device does; reads, table and status are unchanged.
 
 State changes happen between checkpoints (trio is single-threaded), so the
 I/O path needs no lock: ``_suspended`` and ``live`` are read together without
@@ -22,6 +25,7 @@ other devices (say, resuming the device this one is stacked on) still run.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -53,6 +57,9 @@ class DeviceInfo:
     #: the loop device and its MAJ:MIN with ``serve --block-devices`` (``loopdev.py``), else ""
     block_device: str = ""
     block_devno: str = ""
+    read_only: bool = False
+    #: ``remove --deferred`` is pending (``DeviceManager.remove``)
+    deferred_remove: bool = False
 
 
 class MappedDevice(BlockDevice):
@@ -79,6 +86,9 @@ class MappedDevice(BlockDevice):
         self._closed = False         # close() ran: the device left the namespace
         self.block_device = ""       # /dev/loopN when it has one (set by loopdev.LoopDevices)
         self.block_devno = ""        # its MAJ:MIN
+        self.read_only = False       # the live table was loaded read-only
+        self._inactive_read_only = False
+        self.deferred_remove = False  # set and acted on by the manager
 
     def __repr__(self) -> str:
         return f"MappedDevice({self.name!r})"
@@ -90,6 +100,11 @@ class MappedDevice(BlockDevice):
     @property
     def suspended(self) -> bool:
         return self._suspended
+
+    @property
+    def user_opens(self) -> int:
+        """Opens of the device's file, but the one its own loop device holds."""
+        return self.open_count - (1 if self.block_device else 0)
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -105,6 +120,8 @@ class MappedDevice(BlockDevice):
             table = self.live
             if table is None:
                 raise DmIOError(f"{self.name}: no live table", 6)  # ENXIO
+            if self.read_only and bio.is_write and not bio.is_empty_flush:
+                raise DmIOError(f"{self.name}: the device is read-only", errno.EPERM)
             self._in_flight += 1
             try:
                 await table.submit(bio)
@@ -131,7 +148,8 @@ class MappedDevice(BlockDevice):
     def _direct_place(self, write: bool, sector: int,
                       nbytes: int) -> tuple[FileDevice, int] | None:
         table = self.live
-        if self._suspended or table is None or table.direct is None:
+        if self._suspended or table is None or table.direct is None \
+                or (write and self.read_only):
             return None
         nr_sectors = nbytes >> SECTOR_SHIFT
         if sector + nr_sectors > table.nr_sectors:
@@ -174,10 +192,12 @@ class MappedDevice(BlockDevice):
 
     # -- table life cycle ---------------------------------------------------------------
 
-    async def load(self, table: Table) -> None:
-        """Install ``table`` as the inactive table (``dmsetup reload``)."""
+    async def load(self, table: Table, read_only: bool = False) -> None:
+        """Install ``table`` as the inactive table (``dmsetup reload``); ``read_only``
+        (``--readonly``) makes the device read-only once the table is live."""
         async with self._state_lock:
             old, self.inactive = self.inactive, table
+            self._inactive_read_only = read_only
             if old is not None:
                 await old.close()
 
@@ -231,6 +251,7 @@ class MappedDevice(BlockDevice):
                 self._resumed = trio.Event()
             await self._suspend()
             old, self.live, self.inactive = self.live, self.inactive, None
+            self.read_only = self._inactive_read_only
         try:
             if self.live is None:  # suspended without ever having a table: dm_resume's -EINVAL
                 raise DmError(f"{self.name}: no table to resume")
@@ -295,7 +316,8 @@ class MappedDevice(BlockDevice):
         return DeviceInfo(
             name=self.name, uuid=self.uuid, suspended=self._suspended,
             live=self.live is not None, inactive=self.inactive is not None,
-            open_count=self.open_count, event_nr=self.event_nr,
+            open_count=self.user_opens, event_nr=self.event_nr,
             nr_targets=len(self.live.targets) if self.live else 0,
             nr_sectors=self.nr_sectors, path=self.path, in_flight=self._in_flight,
-            block_device=self.block_device, block_devno=self.block_devno)
+            block_device=self.block_device, block_devno=self.block_devno,
+            read_only=self.read_only, deferred_remove=self.deferred_remove)

@@ -81,6 +81,7 @@ def _start(s: Session) -> None:
     s.step("start the daemon")
     s.say(f"$ cd {s.work}; export DMUSER_SOCKET=$PWD/dmuser.sock")
     out = s.dm("serve", "--mountpoint", MOUNTPOINT, "--resync-throttle", str(s.throttle),
+               "--no-block-devices",  # the demo attaches its own loop devices to the files
                kernel="(kernel dm needs no daemon; --resync-throttle is explained at the "
                       "mirror)")
     m = re.search(r"daemon (\d+) serving", out)

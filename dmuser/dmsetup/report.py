@@ -8,10 +8,13 @@ fields, ``--separator S`` unaligned fields with headings), ``ls``, ``deps``,
 ``table``/``status`` lines (``START LENGTH TYPE PARAMS``, a space after the
 type even when PARAMS is empty) and ``targets``.
 
-A dmuser device has no block device, so no major:minor: where dmsetup prints
-the numbers, these print the device's file on the mount (``ls``,
-``blkdevname``) or ``-`` (``major``, ``minor``, ``devno``); ``info``'s long
-form leaves out its ``Read Ahead`` and ``Major, minor`` lines.
+A device with a block device (``serve --block-devices``, on by default as
+root) shows its loop device's major:minor wherever dmsetup prints the numbers
+(``ls``, ``info``, ``deps`` of a device stacked on it) and ``loopN`` as
+``blkdevname``.  A device without one (no live table yet, or a daemon without
+block devices) shows its file on the mount instead (``ls``, ``blkdevname``)
+or ``-`` (``major``, ``minor``, ``devno``), and ``info``'s long form leaves out
+its ``Read Ahead`` and ``Major, minor`` lines.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from dmuser.status import DeviceInfo
 
 NO_DEVICES = "No devices found\n"
+#: ``info``'s ``Read Ahead`` (sectors): the kernel's default for a dm device, 128 KiB
+READ_AHEAD_SECTORS = 256
 _MAJ_MIN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -47,9 +52,19 @@ class Field:
 
 
 def attr(i: DeviceInfo) -> str:
-    """``Stat``: (L)ive, (I)nactive, (s)uspended, read-(w)rite (never read-only)."""
+    """``Stat``: (L)ive, (I)nactive, (s)uspended, (r)ead-only or read-(w)rite."""
     return ("L" if i.live else "-") + ("I" if i.inactive else "-") \
-        + ("s" if i.suspended else "-") + "w"
+        + ("s" if i.suspended else "-") + ("r" if i.read_only else "w")
+
+
+def devno_part(i: DeviceInfo, k: int) -> str:
+    """Major (0) or minor (1) of the block device, ``-`` without one."""
+    return i.block_devno.split(":")[k] if i.block_devno else "-"
+
+
+def blkdevname(i: DeviceInfo) -> str:
+    """``loopN`` (the kernel's ``dm-N``), or the device's file without one."""
+    return i.block_device.rsplit("/", 1)[-1] if i.block_device else i.path
 
 
 def tables_loaded(i: DeviceInfo) -> str:
@@ -77,8 +92,8 @@ NAME_FIELDS = [
        "Unmangled unique (optional) identifier for mapped device."),
 ]
 INFO_FIELDS = [
-    _f("blkdevname", "BlkDevName", 16, False, lambda r: r.info.path,
-       "Name of block device (dmuser: the device's file)."),
+    _f("blkdevname", "BlkDevName", 16, False, lambda r: blkdevname(r.info),
+       "Name of block device (dmuser: loopN, or the device's file without one)."),
     _f("attr", "Stat", 4, False, lambda r: attr(r.info),
        "(L)ive, (I)nactive, (s)uspended, (r)ead-only, read-(w)rite."),
     _f("tables_loaded", "Tables", 6, False, lambda r: tables_loaded(r.info),
@@ -86,11 +101,13 @@ INFO_FIELDS = [
     _f("suspended", "Suspended", 9, False,
        lambda r: "Suspended" if r.info.suspended else "Active",
        "Whether the device is suspended."),
-    _f("readonly", "Read-only", 9, False, lambda r: "Writeable",
+    _f("readonly", "Read-only", 9, False,
+       lambda r: "Read-only" if r.info.read_only else "Writeable",
        "Whether the device is read-only or writeable."),
-    _f("devno", "DevNo", 5, False, lambda r: "-", "Device major and minor numbers"),
-    _f("major", "Maj", 3, True, lambda r: "-", "Block device major number."),
-    _f("minor", "Min", 3, True, lambda r: "-", "Block device minor number."),
+    _f("devno", "DevNo", 5, False, lambda r: r.info.block_devno or "-",
+       "Device major and minor numbers"),
+    _f("major", "Maj", 3, True, lambda r: devno_part(r.info, 0), "Block device major number."),
+    _f("minor", "Min", 3, True, lambda r: devno_part(r.info, 1), "Block device minor number."),
     _f("open", "Open", 4, True, lambda r: r.info.open_count,
        "Number of references to open device, if requested."),
     _f("segments", "Targ", 4, True, lambda r: r.info.nr_targets,
@@ -172,20 +189,27 @@ def columns(rows: Sequence[Row], fields: Sequence[Field], *, headings: bool = Tr
 def info_long(i: DeviceInfo) -> str:
     """``dmsetup info NAME``: the block, then an empty line."""
     tables = " & ".join(t for t, on in (("LIVE", i.live), ("INACTIVE", i.inactive)) if on)
+    state = ("SUSPENDED" if i.suspended else "ACTIVE") + (" (READ-ONLY)" if i.read_only else "") \
+        + (" (DEFERRED REMOVE)" if i.deferred_remove else "")
     lines = [f"Name:              {i.name}",
-             f"State:             {'SUSPENDED' if i.suspended else 'ACTIVE'}",
-             f"Tables present:    {tables or 'None'}",
-             f"Open count:        {i.open_count}",
-             f"Event number:      {i.event_nr}",
-             f"Number of targets: {i.nr_targets}"]
+             f"State:             {state}"]
+    if i.block_devno:
+        lines.append(f"Read Ahead:        {READ_AHEAD_SECTORS}")
+    lines += [f"Tables present:    {tables or 'None'}",
+              f"Open count:        {i.open_count}",
+              f"Event number:      {i.event_nr}"]
+    if i.block_devno:
+        lines.append(f"Major, minor:      {devno_part(i, 0)}, {devno_part(i, 1)}")
+    lines.append(f"Number of targets: {i.nr_targets}")
     if i.uuid:
         lines.append(f"UUID: {i.uuid}")
     return "".join(line + "\n" for line in lines) + "\n"
 
 
-def ls_line(name: str, path: str) -> str:
-    """``dmsetup ls``: ``NAME<TAB>(MAJ:MIN)``; a dmuser device shows its file instead."""
-    return f"{name}\t({path})\n"
+def ls_line(name: str, where: str) -> str:
+    """``dmsetup ls``: ``NAME<TAB>(MAJ:MIN)``; ``where`` is the block device's
+    ``MAJ:MIN``, or the device's file when it has none."""
+    return f"{name}\t({where})\n"
 
 
 def split_line(line: str) -> tuple[str, str, str, str]:

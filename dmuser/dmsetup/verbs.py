@@ -8,6 +8,7 @@ devices goes on after a failing one, as dmsetup does, and fails at the end.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -48,6 +49,13 @@ def ioctl_error(ioctl: str, name: str, exc: DmuserError, code: int | None = None
             f"device-mapper: {ioctl} ioctl on {name}  failed: {os.strerror(code or exc.errno)}"]
 
 
+def _number(text: str | None) -> str:
+    """A ``-j``/``-m`` argument as dmsetup's atoi reads it (leading digits)."""
+    text = (text or "").strip()
+    digits = text[:len(text) - len(text.lstrip("0123456789"))]
+    return str(int(digits or "0"))
+
+
 class Runner:
     def __init__(self, client: Client, opts: Options, out: TextIO, stdin: TextIO) -> None:
         self.c, self.opts, self.out, self.stdin = client, opts, out, stdin
@@ -76,18 +84,26 @@ class Runner:
         return arg
 
     def devices(self, *, required: bool = True) -> list[str]:
-        """The device operands, or ``-u UUID``'s device; [] means every device."""
+        """The device operands, or ``-u UUID``'s or ``-j MAJ -m MIN``'s device; []
+        means every device."""
         if self.opts.operands:
             return [self.device(a) for a in self.opts.operands]
-        if self.opts.get("uuid") is not None:
+        if self.opts.get("uuid") is not None or self.opts.get("major") is not None \
+                or self.opts.get("minor") is not None:
             return [self.devices_by_uuid()]
         if required:
             raise Failed("No device specified.")
         return []
 
     def devices_by_uuid(self) -> str:
-        """The device ``-u UUID`` names."""
-        found = [i.name for i in self.c.info_all() if i.uuid == self.opts.get("uuid")]
+        """The device ``-u UUID`` (or ``-j MAJ -m MIN``: its block device) names."""
+        uuid, major, minor = (self.opts.get(k) for k in ("uuid", "major", "minor"))
+        if uuid is None and (major is None or minor is None):
+            raise Failed("Please specify both major number and minor number.",
+                         "Couldn't process command line.", command_failed=False)
+        devno = f"{_number(major)}:{_number(minor)}"
+        found = [i.name for i in self.c.info_all()
+                 if (i.uuid == uuid if uuid is not None else i.block_devno == devno)]
         if not found:
             raise Failed("Device does not exist.")
         return found[0]
@@ -145,14 +161,12 @@ class Runner:
         args = self.opts.operands
         if not args:
             raise Failed("Please provide a name for the new device.")
-        if self.opts.has("readonly"):
-            raise Failed("dmuser: read-only devices (-r/--readonly) are not supported yet")
         name = args[0]
         table = None if self.opts.has("notable") else self.read_table(
             args[1] if len(args) > 1 else None)
         try:
             self.c.create(name, table if table and table.strip() else None,
-                          uuid=self.opts.get("uuid") or "")
+                          uuid=self.opts.get("uuid") or "", read_only=self.opts.has("readonly"))
         except DeviceExists as exc:
             raise Failed(*ioctl_error("create", name, exc, errno.EBUSY)) from None
         except DmuserError as exc:
@@ -170,7 +184,7 @@ class Runner:
             raise Failed("Please specify device.")
         file = args[0] if args else None
         try:
-            self.c.reload(name, self.read_table(file))
+            self.c.reload(name, self.read_table(file), read_only=self.opts.has("readonly"))
         except DmuserError as exc:
             raise Failed(*ioctl_error("reload", name, exc)) from None
 
@@ -185,20 +199,32 @@ class Runner:
         self.each(self.devices(), one)
 
     def cmd_suspend(self) -> None:
-        noflush = self.opts.has("noflush")
-        self._simple("suspend", lambda n: self.c.suspend(n, noflush=noflush))
+        noflush, nolockfs = self.opts.has("noflush"), self.opts.has("nolockfs")
+        self._simple("suspend", lambda n: self.c.suspend(n, noflush=noflush, nolockfs=nolockfs))
 
     def cmd_resume(self) -> None:
-        self._simple("resume", self.c.resume)
+        nolockfs = self.opts.has("nolockfs")
+        self._simple("resume", lambda n: self.c.resume(n, nolockfs=nolockfs))
 
     def cmd_clear(self) -> None:
         self._simple("clear", self.c.clear)
 
+    def _error_device(self, name: str) -> None:
+        """``--force``, as dmsetup does it: load an ``error`` table of the device's
+        size and resume it, so that its I/O fails; the remove that follows still
+        fails with EBUSY while the device is open."""
+        size = self.c.info(name).nr_sectors
+        if size:
+            self.c.reload(name, f"0 {size} error\n")
+            self.c.resume(name)
+
     def _remove(self, name: str) -> None:
-        force, tries = self.opts.has("force"), RETRIES if self.opts.has("retry") else 1
+        if self.opts.has("force"):
+            self._error_device(name)
+        deferred, tries = self.opts.has("deferred"), RETRIES if self.opts.has("retry") else 1
         for attempt in range(tries):
             try:
-                self.c.remove(name, force=force)
+                self.c.remove(name, deferred=deferred)
                 return
             except DeviceBusy:
                 if attempt + 1 == tries:
@@ -209,20 +235,30 @@ class Runner:
         self._simple("remove", self._remove)
 
     def cmd_remove_all(self) -> None:
-        force = self.opts.has("force")
-        busy = DeviceBusy("busy")
-        while names := sorted(self.c.ls()):
+        """Every device that can go, users before the devices they use.  Open ones
+        stay, and that is no failure (the kernel's remove_all); with ``--force``
+        they get an ``error`` table, with ``--deferred`` a deferred remove."""
+        busy: set[str] = set()
+        while names := sorted(set(self.c.ls()) - set(busy)):
             removed = 0
             for name in names:
                 try:
-                    self.c.remove(name, force=force)
+                    self.c.remove(name)
                     removed += 1
                 except NoSuchDevice:
                     removed += 1
-                except DeviceBusy as exc:
-                    busy = exc
-            if not removed:
-                raise Failed(*ioctl_error("remove", names[0], busy))
+                except DeviceBusy:
+                    busy.add(name)
+            if removed:
+                busy.clear()  # a device held by one just removed may go now
+            else:
+                break
+        for name in sorted(busy):
+            with contextlib.suppress(NoSuchDevice, DeviceBusy):
+                if self.opts.has("force"):
+                    self._error_device(name)
+                if self.opts.has("deferred"):
+                    self.c.remove(name, deferred=True)
 
     def cmd_message(self) -> None:
         name, sector, *words = self.opts.operands
@@ -333,16 +369,16 @@ class Runner:
     def cmd_ls(self) -> None:
         if self.opts.has("tree") or self.opts.has("exec"):
             raise Failed("dmuser: ls --tree and --exec are not supported")
-        files = self.c.ls()
+        where = {i.name: i.block_devno or i.path for i in self.c.info_all()}
         target = self.opts.get("target")
-        if not files:
+        if not where:
             self.write(report.NO_DEVICES)
             return
         if target is not None:
             tables = self._lines("table", [])
-            files = {n: p for n, p in files.items()
+            where = {n: p for n, p in where.items()
                      if any(report.split_line(x)[2] == target for x in tables.get(n, []))}
-        self.write("".join(report.ls_line(n, p) for n, p in sorted(files.items())))
+        self.write("".join(report.ls_line(n, p) for n, p in sorted(where.items())))
 
     def cmd_deps(self) -> None:
         names = self.devices(required=False)
@@ -351,8 +387,10 @@ class Runner:
             self.write(report.NO_DEVICES)
             return
         prefix = len(tables) > 1 or not names
+        # a device stacked on a mapped device with a block device: its MAJ:MIN
+        devnos = {i.path: i.block_devno for i in self.c.info_all() if i.block_devno}
         for name, lines in tables.items():
-            self.write(report.deps_line(report.device_words(lines),
+            self.write(report.deps_line([devnos.get(w, w) for w in report.device_words(lines)],
                                         f"{name}: " if prefix else ""))
 
     def cmd_targets(self) -> None:

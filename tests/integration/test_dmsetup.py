@@ -9,6 +9,7 @@ device's file where dmsetup prints a major:minor.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from support.daemon import Daemon, dmuser_cmd
 from support.data import make_image, pattern, read_at, write_at
+from support.system import wait_until
 
 import dmuser
 from dmuser import dmsetup
@@ -235,3 +237,21 @@ def test_command_line_and_shim(d: Daemon, tmp_path: Path) -> None:
     assert res.stdout == f"0 2048 flakey {d.dir / 'a.img'} 0 180 0 0\n"
     res = run_cli(d, shim, "info", "vol")
     assert (res.returncode, res.stderr) == (1, "Device does not exist.\nCommand failed.\n")
+
+
+def test_readonly_and_deferred_remove_on_the_file(d: Daemon) -> None:
+    """Without block devices: a read-only table fails writes to the file with EPERM;
+    a deferred remove of an open file goes at its close."""
+    img = d.dir / "a.img"
+    ok(d, "create", "r", "-r", "--table", f"0 2048 linear {img} 0")
+    assert ok(d, "info", "-c", "--noheadings", "-o", "attr,readonly", "r") == "L--r:Read-only\n"
+    assert ok(d, "info", "r").splitlines()[1] == "State:             ACTIVE (READ-ONLY)"
+    with pytest.raises(PermissionError) as exc:
+        write_at(d.path("r"), 0, b"x" * 512)
+    assert exc.value.errno == errno.EPERM
+    assert read_at(d.path("r"), 0, 512) == read_at(img, 0, 512)
+    with open(d.path("r"), "rb"):
+        ok(d, "remove", "--deferred", "r")
+        assert ok(d, "info", "r").splitlines()[1] == \
+            "State:             ACTIVE (READ-ONLY) (DEFERRED REMOVE)"
+    wait_until(lambda: d.devices() == [], 10, what="the deferred remove")

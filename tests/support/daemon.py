@@ -85,8 +85,12 @@ def run_dmuser(*args: str, input: str | None = None, check: bool = True,
 class Daemon:
     """One ``dmuser serve`` subprocess with everything it uses below ``self.dir``."""
 
-    def __init__(self, dir: Path, name: str = "d", debug: bool = False) -> None:
+    def __init__(self, dir: Path, name: str = "d", debug: bool = False,
+                 block_devices: bool = False) -> None:
         self.name = name
+        #: off unless asked for: a loop device per device costs time, and /dev/mapper
+        #: names are global (tests that use them name their devices uniquely)
+        self.block_devices = block_devices
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mnt = self.dir / "mnt"
@@ -110,7 +114,8 @@ class Daemon:
     def start(self, timeout: float = START_TIMEOUT) -> Daemon:
         """Start ``serve --foreground``; return once the mount and the socket answer."""
         cmd = dmuser_cmd("serve", "--foreground", "--mountpoint", str(self.mnt),
-                         "--socket", str(self.sock), *(["--debug"] if self.debug else []))
+                         "--socket", str(self.sock), *(["--debug"] if self.debug else []),
+                         *self._block_option())
         self._log_fh = open(self.log_path, "ab")  # noqa: SIM115
         self.returncode = None
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_fh,
@@ -124,8 +129,8 @@ class Daemon:
     def start_background(self, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """``dmuser serve`` in its default (detaching) mode; records the daemon's pid."""
         res = run_dmuser("serve", "--mountpoint", str(self.mnt), "--socket", str(self.sock),
-                         "--log-file", str(self.log_path), check=False, timeout=timeout,
-                         cwd=self.dir)
+                         "--log-file", str(self.log_path), *self._block_option(), check=False,
+                         timeout=timeout, cwd=self.dir)
         m = re.search(r"daemon (\d+) serving", res.stdout)
         if res.returncode == 0 and m:
             self.proc = None
@@ -133,6 +138,9 @@ class Daemon:
             self.returncode = None
             register_daemon(self.pid, str(self.sock))
         return res
+
+    def _block_option(self) -> list[str]:
+        return ["--block-devices"] if self.block_devices else ["--no-block-devices"]
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         from dmuser import client
@@ -378,8 +386,9 @@ class DaemonFactory:
         self.tmp_path = tmp_path
         self.daemons: list[Daemon] = []
 
-    def __call__(self, name: str = "d", start: bool = True, debug: bool = False) -> Daemon:
-        d = Daemon(self.tmp_path / name, name=name, debug=debug)
+    def __call__(self, name: str = "d", start: bool = True, debug: bool = False,
+                 block_devices: bool = False) -> Daemon:
+        d = Daemon(self.tmp_path / name, name=name, debug=debug, block_devices=block_devices)
         self.daemons.append(d)
         if start:
             d.start()

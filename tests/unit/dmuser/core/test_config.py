@@ -9,8 +9,11 @@ from dmuser.cli import build_parser
 from dmuser.core.config import Config, parse_bool
 
 
-def test_block_devices_is_off_by_default() -> None:
+def test_block_devices_default_is_on_as_root_only() -> None:
     assert Config.build({}, {}).block_devices is False
+    assert Config.build({}, {}, root=True).block_devices is True
+    assert Config.build({}, {"DMUSER_BLOCK_DEVICES": "0"}, root=True).block_devices is False
+    assert Config.build({"block_devices": False}, {}, root=True).block_devices is False
 
 
 @pytest.mark.parametrize("text,value", [("1", True), ("on", True), ("Yes", True),
@@ -38,6 +41,7 @@ def test_serve_option_alone_turns_it_on_and_takes_a_value() -> None:
     assert parser.parse_args(["serve", "--block-devices"]).block_devices is True
     # the background start passes the resolved value on as text
     assert parser.parse_args(["serve", "--block-devices", "False"]).block_devices is False
+    assert parser.parse_args(["serve", "--no-block-devices"]).block_devices is False
 
 
 def test_block_devices_refused_without_root(monkeypatch: pytest.MonkeyPatch,
@@ -48,3 +52,13 @@ def test_block_devices_refused_without_root(monkeypatch: pytest.MonkeyPatch,
     d = daemon.Daemon(f"{tmp_path}/mnt", f"{tmp_path}/s.sock", Config(block_devices=True))
     with pytest.raises(daemon.StartupError, match="--block-devices needs root"):
         d.run()
+
+
+def test_cli_flags_of_the_kernel_verbs() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["create", "v", "-r", "--table", "0 8 zero"]).readonly is True
+    assert parser.parse_args(["reload", "v", "--readonly", "--table", "0 8 zero"]).readonly
+    assert parser.parse_args(["suspend", "v", "--nolockfs"]).nolockfs is True
+    assert parser.parse_args(["resume", "v", "--nolockfs"]).nolockfs is True
+    assert parser.parse_args(["remove", "v", "--deferred"]).deferred is True
+    assert parser.parse_args(["suspend", "v"]).nolockfs is False
