@@ -1,9 +1,9 @@
 """A remote NBD export as a :class:`BlockDevice` (the kernel's nbd client, in process).
 
-A table word ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``
-(the NBD URI syntax) resolves to an :class:`NbdDevice`: one connection, made
-and negotiated (fixed newstyle, ``NBD_OPT_GO``, falling back to
-``NBD_OPT_EXPORT_NAME``) while the table is built.
+A table word ``nbd[s]://HOST[:PORT]/EXPORT`` or ``nbd[s]+unix:///EXPORT?socket=PATH``
+(the NBD URI syntax, ``nbd_wire.py``) resolves to an :class:`NbdDevice`: one
+connection, made and negotiated (fixed newstyle, TLS first for ``nbds``,
+``NBD_OPT_GO``, falling back to ``NBD_OPT_EXPORT_NAME``) while the table is built.
 
 Guarantees:
 
@@ -17,8 +17,11 @@ Guarantees:
 * **Failure.** A reply error fails the bio with DmIOError (that errno); a server
   that goes away, or sends something that is not a valid reply (bad magic, an
   unknown handle), fails every bio in flight and every later one with EIO, so
-  a mirror marks the leg failed.  There is no reconnection: a reload builds a
-  new table, which connects again.  A failed READ leaves its buffer zeroed.
+  a mirror marks the leg failed.  So does a server that keeps the connection
+  open but leaves a request unanswered for ``timeout`` seconds (the daemon's
+  ``nbd_timeout``): the connection is then closed, as the kernel's nbd driver
+  does.  There is no reconnection: a reload builds a new table, which connects
+  again.  A failed READ leaves its buffer zeroed.
 * **Cancellation.** A bio cancelled while waiting for its reply leaves the
   request to complete on the server; its reply is read and dropped (a READ's
   data never lands in the caller's buffer after it gave up).
@@ -30,7 +33,6 @@ import contextlib
 import errno
 import logging
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 
 import trio
@@ -38,6 +40,7 @@ import trio
 from dmuser.core.bio import Bio, Op, ReqFlag
 from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError, NoSuchDeviceError, NotSupportedError
+from dmuser.core.nbd_wire import NbdAddress, Wire, handshake, open_wire
 from dmuser.core.units import SECTOR_SHIFT
 from dmuser.formats import nbd
 
@@ -46,138 +49,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 #: the largest TRIM / WRITE_ZEROES request sent (the length field is 32 bits)
 _MAX_RANGE = 1 << 30
-
-
-def is_nbd_uri(word: str) -> bool:
-    return word.startswith(("nbd://", "nbd+unix://"))
-
-
-@dataclass(frozen=True, slots=True)
-class NbdAddress:
-    """Where an export is: a TCP ``host``/``port``, or a Unix socket ``path``."""
-
-    export: str
-    host: str = ""
-    port: int = nbd.DEFAULT_PORT
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.path:
-            return f"nbd+unix:///{self.export}?socket={self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{self.export}"
-
-
-def parse_uri(word: str, cwd: str = "/") -> NbdAddress:
-    """``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` (relative PATHs
-    are taken from ``cwd``).  Raises NoSuchDeviceError (ENXIO) for anything else."""
-    url = urllib.parse.urlsplit(word)
-    export = urllib.parse.unquote(url.path[1:] if url.path.startswith("/") else url.path)
-    try:
-        if url.scheme == "nbd":
-            if not url.hostname:
-                raise ValueError("no host")
-            return NbdAddress(export, url.hostname, url.port or nbd.DEFAULT_PORT)
-        if url.scheme == "nbd+unix":
-            sockets = urllib.parse.parse_qs(url.query).get("socket", [])
-            if url.netloc or len(sockets) != 1:
-                raise ValueError("needs exactly one socket=PATH and no host")
-            return NbdAddress(export, path=os.path.join(cwd, sockets[0]))
-    except ValueError as exc:
-        raise NoSuchDeviceError(f"{word}: not a valid NBD URI ({exc})") from None
-    raise NoSuchDeviceError(f"{word}: not an NBD URI (nbd:// or nbd+unix://)")
-
-
-# -- socket helpers (shared with the server) -------------------------------------------
-
-
-async def recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> None:
-    """Fill ``view`` from ``sock``; EOFError if the peer closes first."""
-    got = 0
-    while got < len(view):
-        n = await sock.recv_into(view[got:])
-        if n == 0:
-            raise EOFError("connection closed by the peer")
-        got += n
-
-
-async def recv_exactly(sock: trio.socket.SocketType, n: int) -> bytearray:
-    buf = bytearray(n)
-    await recv_exactly_into(sock, memoryview(buf))
-    return buf
-
-
-async def send_all(sock: trio.socket.SocketType, *parts: bytes | bytearray | memoryview) -> None:
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while view:
-            n = await sock.send(view)
-            view = view[n:]
-
-
-async def open_socket(addr: NbdAddress) -> trio.socket.SocketType:
-    if addr.path:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        try:
-            await sock.connect(addr.path)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    stream = await trio.open_tcp_stream(addr.host, addr.port)
-    sock = stream.socket
-    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-    return sock
-
-
-# -- the client handshake --------------------------------------------------------------
-
-
-async def _option_reply(sock: trio.socket.SocketType, option: int) -> tuple[int, bytearray]:
-    head = await recv_exactly(sock, nbd.OPTION_REPLY_HEADER_SIZE)
-    opt, reply, length = nbd.decode_option_reply_header(head)
-    if opt != option or length > nbd.MAX_OPTION_DATA:
-        raise nbd.NbdProtocolError(f"unexpected option reply ({opt}, {reply}, {length} bytes)")
-    return reply, await recv_exactly(sock, length)
-
-
-async def handshake(sock: trio.socket.SocketType, export: str) -> tuple[int, int, int]:
-    """Negotiate ``export``: (size in bytes, transmission flags, maximum payload)."""
-    flags = nbd.decode_greeting(await recv_exactly(sock, nbd.GREETING_SIZE))
-    if not flags & nbd.HandshakeFlag.FIXED_NEWSTYLE:
-        raise nbd.NbdProtocolError("the server does not speak fixed newstyle")
-    no_zeroes = bool(flags & nbd.HandshakeFlag.NO_ZEROES)
-    cflags = nbd.ClientFlag.FIXED_NEWSTYLE | (nbd.ClientFlag.NO_ZEROES if no_zeroes else 0)
-    await send_all(sock, nbd.encode_client_flags(cflags))
-    await send_all(sock, nbd.encode_option(
-        nbd.Opt.GO, nbd.encode_info_request(export, (nbd.Info.BLOCK_SIZE,))))
-    size = tflags = -1
-    max_payload = nbd.MAX_PAYLOAD
-    while True:
-        reply, data = await _option_reply(sock, nbd.Opt.GO)
-        if reply == nbd.Rep.INFO:
-            kind, values = nbd.decode_info(data)
-            if kind == nbd.Info.EXPORT:
-                size, tflags = values
-            elif kind == nbd.Info.BLOCK_SIZE:
-                max_payload = min(max_payload, values[2])
-        elif reply == nbd.Rep.ACK:
-            if size < 0:
-                raise nbd.NbdProtocolError("NBD_OPT_GO ended without NBD_INFO_EXPORT")
-            return size, tflags, max_payload
-        elif reply == nbd.Rep.ERR_UNSUP:
-            break  # an old server: NBD_OPT_EXPORT_NAME
-        elif reply in (nbd.Rep.ERR_UNKNOWN, nbd.Rep.ERR_POLICY):
-            raise NoSuchDeviceError(f"the server has no export {export!r}"
-                                    + (f": {bytes(data).decode(errors='replace')}" if data else ""))
-        else:
-            text = bytes(data).decode(errors="replace")
-            raise DmIOError(f"the server refused export {export!r} (reply {reply:#x}: {text})")
-    await send_all(sock, nbd.encode_option(nbd.Opt.EXPORT_NAME, export.encode()))
-    head = await recv_exactly(sock, nbd.EXPORT_NAME_REPLY_SIZE
-                              + (0 if no_zeroes else nbd.EXPORT_NAME_PADDING))
-    size, tflags = nbd.decode_export_name_reply(head)
-    return size, tflags, max_payload
+#: what a dead or unparseable connection raises while reading replies
+_LOST = (OSError, EOFError, nbd.NbdProtocolError, trio.ClosedResourceError,
+         trio.BrokenResourceError)
 
 
 # -- the device ------------------------------------------------------------------------
@@ -189,6 +63,7 @@ class _Pending:
 
     length: int
     buf: memoryview | None          # where a READ's data goes; None once the caller left
+    sent: float                     # trio.current_time() when it was queued
     done: trio.Event = field(default_factory=trio.Event)
     error: DmIOError | None = None
 
@@ -197,15 +72,17 @@ class NbdDevice(BlockDevice):
     """One connection to one NBD export.  Make it with :meth:`connect`; close it with
     :meth:`close` once nothing submits to it any more."""
 
-    def __init__(self, addr: NbdAddress, sock: trio.socket.SocketType, size: int,
-                 flags: int, max_payload: int) -> None:
+    def __init__(self, addr: NbdAddress, wire: Wire, size: int, flags: int,
+                 max_payload: int, timeout: float = 0) -> None:
         self.addr = addr
         self.status_name = str(addr)
         self.flags = nbd.TransmissionFlag(flags)
         self.size = size
         self.max_payload = max(1 << SECTOR_SHIFT, min(max_payload, nbd.MAX_PAYLOAD)
                                >> SECTOR_SHIFT << SECTOR_SHIFT)
-        self._sock = sock
+        self._wire = wire
+        #: seconds a request may wait for its reply (0: forever)
+        self.timeout = timeout
         self._pending: dict[int, _Pending] = {}
         self._next_handle = 1
         self._send_lock = trio.Lock()
@@ -218,25 +95,28 @@ class NbdDevice(BlockDevice):
         return f"NbdDevice({self.status_name!r})"
 
     @classmethod
-    async def connect(cls, addr: NbdAddress, nursery: trio.Nursery) -> NbdDevice:
-        """Connect, negotiate, and start the reply reader in ``nursery``.
+    async def connect(cls, addr: NbdAddress, nursery: trio.Nursery,
+                      timeout: float = 0) -> NbdDevice:
+        """Connect, negotiate, and start the reply reader in ``nursery``; ``timeout``
+        bounds each request's wait for its reply (and the connection, else
+        :data:`CONNECT_TIMEOUT`).
 
         Raises NoSuchDeviceError when the server cannot be reached or refuses."""
-        sock: trio.socket.SocketType | None = None
+        wire: Wire | None = None
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                sock = await open_socket(addr)
-                size, flags, max_payload = await handshake(sock, addr.export)
+            with trio.fail_after(timeout or CONNECT_TIMEOUT):
+                wire = await open_wire(addr)
+                size, flags, max_payload = await handshake(wire, addr)
         except NoSuchDeviceError as exc:
-            if sock is not None:
-                sock.close()
+            if wire is not None:
+                wire.close()
             raise NoSuchDeviceError(f"{addr}: {exc}") from None
-        except (OSError, EOFError, nbd.NbdProtocolError, trio.TooSlowError, DmIOError) as exc:
-            if sock is not None:
-                sock.close()
+        except (*_LOST, trio.TooSlowError, DmIOError) as exc:
+            if wire is not None:
+                wire.close()
             text = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
             raise NoSuchDeviceError(f"{addr}: cannot connect: {text}") from None
-        dev = cls(addr, sock, size, flags, max_payload)
+        dev = cls(addr, wire, size, flags, max_payload, timeout)
         nursery.start_soon(dev.reader)
         return dev
 
@@ -262,23 +142,39 @@ class NbdDevice(BlockDevice):
             with trio.CancelScope() as self._scope:
                 if self._closed:
                     self._scope.cancel()
-                await self._read_replies()
+                async with trio.open_nursery() as nursery:
+                    if self.timeout:
+                        nursery.start_soon(self._watchdog)
+                    await self._read_replies()
+                    nursery.cancel_scope.cancel()
         finally:
             healthy = self._dead is None
             self._fail_all("device closed" if healthy else self._dead or "")
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 if healthy:
                     with contextlib.suppress(OSError, trio.ClosedResourceError,
-                                             trio.BusyResourceError):
-                        await send_all(self._sock, nbd.encode_request(
+                                             trio.BrokenResourceError, trio.BusyResourceError):
+                        await self._wire.send_all(nbd.encode_request(
                             nbd.Request(nbd.Cmd.DISC, 0, 0, 0)))
-            self._sock.close()
+            self._wire.close()
+
+    async def _watchdog(self) -> None:
+        """Declare the connection dead when the oldest request has waited ``timeout``
+        seconds (checked every quarter of it: within 1.25 x ``timeout``)."""
+        while True:
+            await trio.sleep(self.timeout / 4)
+            oldest = next(iter(self._pending.values()), None)
+            if oldest is not None and trio.current_time() - oldest.sent >= self.timeout:
+                self._fail_all(f"{self.status_name}: no reply within {self.timeout:g} s")
+                assert self._scope is not None
+                self._scope.cancel()  # the reader closes the connection
+                return
 
     async def _read_replies(self) -> None:
         head = bytearray(nbd.SIMPLE_REPLY_SIZE)
         try:
             while True:
-                await recv_exactly_into(self._sock, memoryview(head))
+                await self._wire.recv_into(memoryview(head))
                 handle, error = nbd.decode_simple_reply(head)
                 p = self._pending.pop(handle, None)
                 if p is None:
@@ -290,11 +186,11 @@ class NbdDevice(BlockDevice):
                                         else errno.EIO)
                 elif p.length:
                     if p.buf is not None:
-                        await recv_exactly_into(self._sock, p.buf)
+                        await self._wire.recv_into(p.buf)
                     else:
-                        await recv_exactly(self._sock, p.length)  # the caller left: drop
+                        await self._wire.recv_exactly(p.length)  # the caller left: drop
                 p.done.set()
-        except (OSError, EOFError, nbd.NbdProtocolError, trio.ClosedResourceError) as exc:
+        except _LOST as exc:
             self._fail_all(f"{self.status_name}: connection lost: {exc or type(exc).__name__}")
 
     def _fail_all(self, reason: str) -> None:
@@ -316,16 +212,16 @@ class NbdDevice(BlockDevice):
             raise DmIOError(self._dead, errno.EIO)
         handle = self._next_handle
         self._next_handle += 1
-        p = _Pending(len(buf) if buf is not None else 0, buf)
+        p = _Pending(len(buf) if buf is not None else 0, buf, trio.current_time())
         self._pending[handle] = p
         header = nbd.encode_request(nbd.Request(cmd, handle, offset, length, flags))
         try:
             with trio.CancelScope(shield=True):  # never half a request on the wire
                 async with self._send_lock:
                     if self._dead is None:
-                        await send_all(self._sock, header, *(() if payload is None
+                        await self._wire.send_all(header, *(() if payload is None
                                                              else (payload,)))
-        except (OSError, trio.ClosedResourceError) as exc:
+        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             self._fail_all(f"{self.status_name}: connection lost: {exc}")
         try:
             await p.done.wait()

@@ -21,7 +21,7 @@ from dmuser.control import Reply, dispatch
 from dmuser.core.bio import Bio, Op, ReqFlag
 from dmuser.core.errors import DmError, DmIOError, NoSuchDeviceError
 from dmuser.core.manager import DeviceManager
-from dmuser.core.nbd_device import handshake, recv_exactly, send_all
+from dmuser.core.nbd_wire import NbdAddress, Wire, handshake
 from dmuser.formats import nbd
 from dmuser.nbd_server import NbdServer, server_for
 
@@ -123,20 +123,24 @@ def mgr_exports(mgr: DeviceManager, name: str) -> list[dict[str, Any]]:
     return server_for(mgr).exports_of(name)
 
 
-async def _raw_client(address: str, export: str) -> tuple[trio.socket.SocketType, int, int]:
+async def _connect(address: str) -> Wire:
     host, _, port = address.rpartition(":")
-    sock = (await trio.open_tcp_stream(host, int(port))).socket
-    size, flags, _ = await handshake(sock, export)
+    return Wire((await trio.open_tcp_stream(host, int(port))).socket)
+
+
+async def _raw_client(address: str, export: str) -> tuple[Wire, int, int]:
+    sock = await _connect(address)
+    size, flags, _ = await handshake(sock, NbdAddress(export))
     return sock, size, flags
 
 
-async def _call(sock: trio.socket.SocketType, cmd: int, offset: int, length: int,
+async def _call(sock: Wire, cmd: int, offset: int, length: int,
                 payload: bytes = b"", flags: int = 0, handle: int = 1) -> tuple[int, bytes]:
-    await send_all(sock, nbd.encode_request(nbd.Request(cmd, handle, offset, length, flags)),
+    await sock.send_all(nbd.encode_request(nbd.Request(cmd, handle, offset, length, flags)),
                    payload)
-    got, error = nbd.decode_simple_reply(await recv_exactly(sock, nbd.SIMPLE_REPLY_SIZE))
+    got, error = nbd.decode_simple_reply(await sock.recv_exactly(nbd.SIMPLE_REPLY_SIZE))
     assert got == handle
-    data = bytes(await recv_exactly(sock, length)) if cmd == nbd.Cmd.READ and not error else b""
+    data = bytes(await sock.recv_exactly(length)) if cmd == nbd.Cmd.READ and not error else b""
     return error, data
 
 
@@ -167,8 +171,8 @@ async def test_raw_requests(mgr: DeviceManager, img: tuple[Path, bytes]) -> None
     assert (await _call(sock, nbd.Cmd.CACHE, 0, S))[0] == nbd.Err.EINVAL
     assert path.read_bytes()[S:2 * S] == b"w" * S
     assert path.read_bytes()[5 * S:] == bytes(2 * S) + data[7 * S:]  # the trim: sectors 5-6
-    await send_all(sock, nbd.encode_request(nbd.Request(nbd.Cmd.DISC, 2, 0, 0)))
-    assert await sock.recv(10) == b""  # the server hangs up after DISC
+    await sock.send_all(nbd.encode_request(nbd.Request(nbd.Cmd.DISC, 2, 0, 0)))
+    assert await sock.sock.recv(10) == b""  # the server hangs up after DISC
     sock.close()
 
     sock, _, flags = await _raw_client(ro, "snap")
@@ -183,17 +187,16 @@ async def test_raw_requests(mgr: DeviceManager, img: tuple[Path, bytes]) -> None
 async def test_option_haggling(mgr: DeviceManager, img: tuple[Path, bytes]) -> None:
     await run(mgr, "create", name="src", table=f"0 256 linear {img[0]} 0")
     address = (await run(mgr, "export", name="src", address="127.0.0.1:0")).data["address"]
-    host, _, port = address.rpartition(":")
-    sock = (await trio.open_tcp_stream(host, int(port))).socket
-    assert nbd.decode_greeting(await recv_exactly(sock, 18)) == 3
-    await send_all(sock, nbd.encode_client_flags(3))
+    sock = await _connect(address)
+    assert nbd.decode_greeting(await sock.recv_exactly(18)) == 3
+    await sock.send_all(nbd.encode_client_flags(3))
 
     async def ask(opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
-        await send_all(sock, nbd.encode_option(opt, data))
+        await sock.send_all(nbd.encode_option(opt, data))
         replies = []
         while True:
-            _, kind, n = nbd.decode_option_reply_header(await recv_exactly(sock, 20))
-            replies.append((kind, bytes(await recv_exactly(sock, n))))
+            _, kind, n = nbd.decode_option_reply_header(await sock.recv_exactly(20))
+            replies.append((kind, bytes(await sock.recv_exactly(n))))
             if kind != nbd.Rep.SERVER and kind != nbd.Rep.INFO:
                 return replies
 
@@ -209,7 +212,7 @@ async def test_option_haggling(mgr: DeviceManager, img: tuple[Path, bytes]) -> N
         [(0, (256 * S, 0x16D)),  # HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES
          (3, (512, 4096, nbd.MAX_PAYLOAD))]  # CAN_MULTI_CONN
     assert await ask(nbd.Opt.ABORT) == [(nbd.Rep.ACK, b"")]
-    assert await sock.recv(10) == b""
+    assert await sock.sock.recv(10) == b""
     sock.close()
     await run(mgr, "unexport", name="src")
 
@@ -219,31 +222,30 @@ async def test_structured_replies(mgr: DeviceManager, img: tuple[Path, bytes]) -
     await run(mgr, "create", name="src", table=f"0 256 linear {path} 0")
     address = (await run(mgr, "export", name="src", address="127.0.0.1:0",
                          read_only=True)).data["address"]
-    host, _, port = address.rpartition(":")
-    sock = (await trio.open_tcp_stream(host, int(port))).socket
-    nbd.decode_greeting(await recv_exactly(sock, 18))
-    await send_all(sock, nbd.encode_client_flags(3), nbd.encode_option(nbd.Opt.STRUCTURED_REPLY))
-    assert nbd.decode_option_reply_header(await recv_exactly(sock, 20)) == \
+    sock = await _connect(address)
+    nbd.decode_greeting(await sock.recv_exactly(18))
+    await sock.send_all(nbd.encode_client_flags(3), nbd.encode_option(nbd.Opt.STRUCTURED_REPLY))
+    assert nbd.decode_option_reply_header(await sock.recv_exactly(20)) == \
         (nbd.Opt.STRUCTURED_REPLY, nbd.Rep.ACK, 0)
-    await send_all(sock, nbd.encode_option(nbd.Opt.GO, nbd.encode_info_request("src")))
+    await sock.send_all(nbd.encode_option(nbd.Opt.GO, nbd.encode_info_request("src")))
     while True:
-        _, kind, n = nbd.decode_option_reply_header(await recv_exactly(sock, 20))
-        await recv_exactly(sock, n)
+        _, kind, n = nbd.decode_option_reply_header(await sock.recv_exactly(20))
+        await sock.recv_exactly(n)
         if kind == nbd.Rep.ACK:
             break
 
     async def chunk() -> tuple[int, int, int, bytes]:
-        flags, kind, handle, n = nbd.decode_chunk_header(await recv_exactly(sock, 20))
-        return flags, kind, handle, bytes(await recv_exactly(sock, n))
+        flags, kind, handle, n = nbd.decode_chunk_header(await sock.recv_exactly(20))
+        return flags, kind, handle, bytes(await sock.recv_exactly(n))
 
-    await send_all(sock, nbd.encode_request(nbd.Request(nbd.Cmd.READ, 1, 700, 100)))
+    await sock.send_all(nbd.encode_request(nbd.Request(nbd.Cmd.READ, 1, 700, 100)))
     assert await chunk() == (1, nbd.ReplyType.OFFSET_DATA, 1,
                              (700).to_bytes(8, "big") + data[700:800])
-    await send_all(sock, nbd.encode_request(nbd.Request(nbd.Cmd.WRITE, 2, 0, S)), bytes(S))
+    await sock.send_all(nbd.encode_request(nbd.Request(nbd.Cmd.WRITE, 2, 0, S)), bytes(S))
     flags, kind, handle, payload = await chunk()
     assert (flags, kind, handle) == (1, nbd.ReplyType.ERROR, 2)
     assert nbd.decode_error_payload(payload) == (nbd.Err.EPERM, "EPERM")
-    await send_all(sock, nbd.encode_request(nbd.Request(nbd.Cmd.FLUSH, 3, 0, 0)))
+    await sock.send_all(nbd.encode_request(nbd.Request(nbd.Cmd.FLUSH, 3, 0, 0)))
     assert await chunk() == (1, nbd.ReplyType.NONE, 3, b"")
     sock.close()
     await run(mgr, "unexport", name="src")
@@ -271,3 +273,34 @@ async def test_nbd_writes_wait_for_the_same_range_lock_as_fuse_writes(
         assert not done.is_set()
     assert done.is_set()
     assert bytes(await md.read(3, 1))[100:110] == b"x" * 10
+
+
+async def test_the_direct_path_takes_only_plain_aligned_requests(
+        mgr: DeviceManager, img: tuple[Path, bytes]) -> None:
+    """``_direct`` answers aligned plain READs and WRITEs of a linear device at once,
+    and declines (None: a task and a bio) FUA, read-only exports, unaligned
+    requests, and writes whose sectors the range lock holds."""
+    from dmuser.byte_io import range_lock
+    from dmuser.nbd_session import Export, _direct
+
+    path, data = img
+    await run(mgr, "create", name="d", table=f"0 64 linear {path} 0")
+    md, rw, ro = mgr.get("d"), Export("d", "d", False), Export("d", "d", True)
+
+    def req(cmd: int, off: int, n: int, flags: int = 0) -> nbd.Request:
+        return nbd.Request(cmd, 1, off, n, flags)
+
+    assert _direct(md, rw, req(nbd.Cmd.READ, 2 * S, 2 * S), None) == data[2 * S:4 * S]
+    assert _direct(md, rw, req(nbd.Cmd.READ, 100, S), None) is None
+    new = bytearray(b"n" * S)
+    assert _direct(md, rw, req(nbd.Cmd.WRITE, 5 * S, S), new) == b""
+    assert path.read_bytes()[5 * S:6 * S] == new
+    assert _direct(md, rw, req(nbd.Cmd.WRITE, 6 * S, S, nbd.CmdFlag.FUA), new) is None
+    assert _direct(md, ro, req(nbd.Cmd.WRITE, 6 * S, S), new) is None
+    assert _direct(md, rw, req(nbd.Cmd.WRITE, 64 * S, S), new) is None  # past the end
+    async with range_lock(md).hold(7, 8):
+        assert _direct(md, rw, req(nbd.Cmd.WRITE, 6 * S, 2 * S), new * 2) is None
+    assert path.read_bytes()[6 * S:8 * S] == data[6 * S:8 * S]
+    await md.suspend()
+    assert _direct(md, rw, req(nbd.Cmd.READ, 0, S), None) is None  # suspended: waits
+    await md.resume()

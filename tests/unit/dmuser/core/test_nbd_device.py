@@ -12,11 +12,12 @@ import trio
 
 from dmuser.core.bio import Bio, Op
 from dmuser.core.errors import DmIOError, NoSuchDeviceError
-from dmuser.core.nbd_device import NbdAddress, NbdDevice, parse_uri, recv_exactly, send_all
+from dmuser.core.nbd_device import NbdDevice
+from dmuser.core.nbd_wire import NbdAddress, Wire, parse_uri
 from dmuser.formats import nbd
 
 S = 512
-Sock = trio.socket.SocketType
+Sock = Wire
 
 
 def test_uris() -> None:
@@ -24,7 +25,12 @@ def test_uris() -> None:
     assert parse_uri("nbd://[::1]:2000/") == NbdAddress("", "::1", 2000)
     assert parse_uri("nbd+unix:///e?socket=s.sock", "/run") == NbdAddress("e", path="/run/s.sock")
     assert str(NbdAddress("e", "::1", 5)) == "nbd://[::1]:5/e"
-    for bad in ("nbd:///x", "nbd+unix:///x", "nbd+unix://h/x?socket=a", "nbds://h/x"):
+    tls = parse_uri("nbds+unix:///e?socket=s&tls-certificates=c&tls-verify-peer=false", "/r")
+    assert tls == NbdAddress("e", path="/r/s", tls=True, tls_certificates="/r/c",
+                             tls_verify=False)
+    assert parse_uri(str(tls)) == tls
+    for bad in ("nbd:///x", "nbd+unix:///x", "nbd+unix://h/x?socket=a", "nbds://h/x?x=1",
+                "nbd://h/x?tls-certificates=d", "nbds://h/x?tls-verify-peer=no", "http://h/x"):
         with pytest.raises(NoSuchDeviceError):
             parse_uri(bad)
 
@@ -39,13 +45,14 @@ async def _serve(tmp_path: Path, nursery: trio.Nursery, script: Callable[[Sock],
     lsock.listen(1)
 
     async def server() -> None:
-        sock, _ = await lsock.accept()
-        with sock, lsock:
-            await send_all(sock, nbd.encode_greeting(1))
-            await recv_exactly(sock, 4)
-            opt, n = nbd.decode_option_header(await recv_exactly(sock, 16))
-            await recv_exactly(sock, n)
-            await send_all(sock, nbd.encode_option_reply(opt, nbd.Rep.INFO,
+        raw, _ = await lsock.accept()
+        sock = Wire(raw)
+        with raw, lsock:
+            await sock.send_all(nbd.encode_greeting(1))
+            await sock.recv_exactly(4)
+            opt, n = nbd.decode_option_header(await sock.recv_exactly(16))
+            await sock.recv_exactly(n)
+            await sock.send_all(nbd.encode_option_reply(opt, nbd.Rep.INFO,
                                                          nbd.encode_info_export(size, flags)),
                            nbd.encode_option_reply(opt, nbd.Rep.ACK))
             await script(sock)
@@ -55,8 +62,8 @@ async def _serve(tmp_path: Path, nursery: trio.Nursery, script: Callable[[Sock],
 
 
 async def _request(sock: Sock) -> tuple[nbd.Request, bytes]:
-    req = nbd.decode_request(await recv_exactly(sock, nbd.REQUEST_SIZE))
-    data = bytes(await recv_exactly(sock, req.length)) if req.type == nbd.Cmd.WRITE else b""
+    req = nbd.decode_request(await sock.recv_exactly(nbd.REQUEST_SIZE))
+    data = bytes(await sock.recv_exactly(req.length)) if req.type == nbd.Cmd.WRITE else b""
     return req, data
 
 
@@ -65,9 +72,9 @@ async def test_replies_in_any_order_and_errors(tmp_path: Path, nursery: trio.Nur
         reqs = [(await _request(sock))[0] for _ in range(3)]
         for req in reversed(reqs):  # answer backwards
             if req.offset == 8 * S:
-                await send_all(sock, nbd.encode_simple_reply(req.handle, nbd.Err.ENOSPC))
+                await sock.send_all(nbd.encode_simple_reply(req.handle, nbd.Err.ENOSPC))
             else:
-                await send_all(sock, nbd.encode_simple_reply(req.handle),
+                await sock.send_all(nbd.encode_simple_reply(req.handle),
                                bytes([req.offset // S]) * req.length)
         req, _ = await _request(sock)
         assert req.type == nbd.Cmd.DISC
@@ -112,7 +119,7 @@ async def test_a_server_that_lies_fails_the_connection(tmp_path: Path,
                                                        nursery: trio.Nursery) -> None:
     async def script(sock: Sock) -> None:
         req, _ = await _request(sock)
-        await send_all(sock, nbd.encode_simple_reply(req.handle + 1000))
+        await sock.send_all(nbd.encode_simple_reply(req.handle + 1000))
         await trio.sleep_forever()
 
     dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script), nursery)
@@ -134,4 +141,29 @@ async def test_refusals_at_connect(tmp_path: Path, nursery: trio.Nursery) -> Non
     with pytest.raises(DmIOError) as exc:
         await dev.write(0, bytes(S))
     assert exc.value.errno == errno.EPERM
+    dev.close()
+
+
+async def test_a_server_that_stops_answering_times_out(tmp_path: Path,
+                                                       nursery: trio.Nursery) -> None:
+    """A request without a reply for ``timeout`` seconds kills the connection: every
+    bio in flight and every later one fails with EIO, and the socket is closed."""
+    closed = trio.Event()
+
+    async def script(sock: Sock) -> None:
+        await _request(sock)  # a read: never answered, the connection kept open
+        try:
+            while await sock.sock.recv(4096):
+                pass
+        finally:
+            closed.set()
+
+    dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script), nursery,
+                                  timeout=0.2)
+    with pytest.raises(DmIOError, match="no reply within 0.2 s") as exc:
+        await dev.read(0, 1)
+    assert exc.value.errno == errno.EIO
+    await closed.wait()  # the client hung up
+    with pytest.raises(DmIOError, match="no reply"):
+        await dev.write(0, bytes(S))
     dev.close()
