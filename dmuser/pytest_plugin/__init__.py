@@ -18,9 +18,14 @@ Fixtures (all prefixed ``dmuser_`` so that they never shadow a suite's own):
 ``dmuser_devices`` (function)
     A :class:`~dmuser.pytest_plugin.devices.Devices` factory (image files,
     ``linear``/``create``, ``snapshot``, ``mirror``, ``flakey``,
-    ``swap_in_error``, ``mounted``).  Everything it made is removed after the
-    test, users before what they stack on.  It uses the session daemon, or a
-    private one for a test marked ``@pytest.mark.dmuser_own_daemon``.
+    ``swap_in_error``, ``recording``, ``mounted``).  Everything it made is
+    removed after the test, users before what they stack on.  It uses the
+    session daemon, or a private one for a test marked
+    ``@pytest.mark.dmuser_own_daemon``.
+
+Plain functions, no fixture needed: ``mkfs``, ``fsck``, ``mounted`` (kernel
+mount as root, fuse2fs without: ``filesystems.py``) and ``crash_points``
+(``dmuser.crashpoints``).  The whole user guide: ``docs/testing-with-dmuser.md``.
 
 Guarantee: nothing is left behind -- no mount, loop device, daemon process or
 directory -- when a test passes, fails, or the run stops early (``-x``,
@@ -44,7 +49,9 @@ from typing import Any
 import pytest
 
 from dmuser.client import Client
+from dmuser.crashpoints import CrashPoint, crash_points
 from dmuser.pytest_plugin.devices import SECTOR, Device, Devices, MiB
+from dmuser.pytest_plugin.filesystems import fsck, mkfs, mounted
 from dmuser.pytest_plugin.helpers import (
     Flakey,
     Mirror,
@@ -55,12 +62,14 @@ from dmuser.pytest_plugin.helpers import (
     snapshot,
     swap_in_error,
 )
-from dmuser.pytest_plugin.rig import PrivateDaemon, sweep_dead, sweep_dir
+from dmuser.pytest_plugin.recording import Recording
+from dmuser.pytest_plugin.rig import DIR_PREFIX, PrivateDaemon, sweep_dead, sweep_dir
 
 __all__ = [
-    "SECTOR", "Device", "Devices", "Flakey", "MiB", "Mirror", "PrivateDaemon", "Snap", "Swap",
-    "dmuser_client", "dmuser_daemon", "dmuser_devices", "dmuser_private_daemon", "flakey",
-    "mirror", "snapshot", "swap_in_error",
+    "SECTOR", "CrashPoint", "Device", "Devices", "Flakey", "MiB", "Mirror", "PrivateDaemon",
+    "Recording", "Snap", "Swap", "crash_points", "dmuser_client", "dmuser_daemon",
+    "dmuser_devices", "dmuser_private_daemon", "flakey", "fsck", "mirror", "mkfs", "mounted",
+    "snapshot", "swap_in_error",
 ]
 
 #: the daemons this run started, for the session-finish sweep
@@ -162,7 +171,9 @@ def dmuser_devices(request: pytest.FixtureRequest) -> Iterator[Devices]:
     d: PrivateDaemon = request.getfixturevalue("dmuser_private_daemon" if own
                                                else "dmuser_daemon")
     request.node.stash[_USED] = d
-    tag = f"t{next(_tags)}-"
+    # unique across daemons too: as root each name also becomes /dev/mapper/NAME, one
+    # namespace for every daemon on the machine (other runs, pytest-xdist workers)
+    tag = f"{d.dir.name.removeprefix(DIR_PREFIX)}-t{next(_tags)}-"
     devices = Devices(d.client, d.mountpoint,
                       Path(tempfile.mkdtemp(prefix=tag, dir=d.images)), tag)
     try:

@@ -18,23 +18,31 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from dmuser.client import Client
-from dmuser.errors import DmuserError, NoSuchDevice
+from dmuser.errors import (
+    ConnectionFailed,
+    DaemonShuttingDown,
+    DeviceBusy,
+    DmuserError,
+    NoSuchDevice,
+)
 from dmuser.status import DeviceInfo, TableLine, TargetStatus
 
 if TYPE_CHECKING:
     from dmuser.pytest_plugin.helpers import Flakey, Mirror, Snap, Swap
+    from dmuser.pytest_plugin.recording import Recording
 
 __all__ = ["MiB", "SECTOR", "Device", "Devices"]
 
 SECTOR = 512
 MiB = 1 << 20
+#: seconds :meth:`Devices.remove` retries a busy device (udev's probe holds new ones)
+BUSY_RETRY = 5.0
 
 
 class Device:
@@ -99,7 +107,6 @@ class Devices:
         self.workdir = workdir
         self.tag = tag
         self.made: list[str] = []
-        self._mounts: list[tuple[str, str]] = []  # (mountpoint, loop device)
         self._n = 0
 
     def __repr__(self) -> str:
@@ -135,9 +142,21 @@ class Devices:
     def zero(self, size: int = 16 * MiB, name: str | None = None) -> Device:
         return self.create(f"0 {size // SECTOR} zero", name)
 
-    def remove(self, dev: Device | str, *, force: bool = False) -> None:
+    def remove(self, dev: Device | str, *, force: bool = False,
+               retry: float = BUSY_RETRY) -> None:
+        """Remove a device now.  Busy is retried for ``retry`` seconds, as ``dmsetup
+        remove --retry``: as root the device's loop device is briefly held open by
+        udev's probe of every new block device.  Still busy after that raises."""
         name = dev.name if isinstance(dev, Device) else dev
-        self.client.remove(name, force=force)
+        deadline = time.monotonic() + retry
+        while True:
+            try:
+                self.client.remove(name, force=force)
+                break
+            except DeviceBusy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         if name in self.made:
             self.made.remove(name)
 
@@ -167,60 +186,61 @@ class Devices:
 
         return swap_in_error(dev, start, length)
 
-    # -- a file system on a device (root: loop device + mount) ------------------------------
+    def recording(self, size: int = 32 * MiB, log_size: int | None = None) -> Recording:
+        """A ``log-writes`` device of ``size`` bytes over a zeroed image whose every write
+        is logged, for crash-point replay (:class:`~dmuser.pytest_plugin.recording.Recording`)."""
+        from dmuser.pytest_plugin.recording import Recording
+
+        return Recording(self, size, log_size)
+
+    # -- a file system on a device: kernel mount as root, fuse2fs without -------------------
 
     @contextlib.contextmanager
-    def mounted(self, dev: Device, *opts: str) -> Iterator[Path]:
-        """Loop-attach ``dev``'s file and mount it (needs root); yields the mount directory.
-        Unmounted and detached when the block ends -- or by :meth:`cleanup` if the test
-        fails inside it.  (Without root, fuse2fs would be the way: not done yet.)"""
-        if os.geteuid() != 0:
-            raise PermissionError("mounted() needs root (loop devices and mount)")
-        where = Path(tempfile.mkdtemp(prefix="mnt-", dir=self.workdir))
-        res = subprocess.run(["losetup", "-f", "--show", str(dev.path)], capture_output=True,
-                             text=True, timeout=30)
-        if res.returncode != 0:
-            raise OSError(f"losetup {dev.path}: {res.stderr.strip()}")
-        loop = res.stdout.strip()
-        self._mounts.append((str(where), loop))
-        res = subprocess.run(["mount", *opts, loop, str(where)], capture_output=True,
-                             text=True, timeout=60)
-        if res.returncode != 0:
-            self._unmount(str(where), loop)
-            raise OSError(f"mount {loop} {where}: {res.stderr.strip()}")
-        yield where
-        self._unmount(str(where), loop)
+    def mounted(self, dev: Device | os.PathLike[str] | str, fstype: str = "ext4", *,
+                options: tuple[str, ...] = (),
+                way: Literal["auto", "kernel", "fuse2fs"] = "auto") -> Iterator[Path]:
+        """Mount the file system on ``dev`` (a :class:`Device` or an image file) for the
+        block and yield its directory: as root a kernel mount on a loop device, without
+        root ``fuse2fs`` (:func:`dmuser.pytest_plugin.filesystems.mounted`).  Unmounted
+        when the block ends, also when it raises; the directory is below this factory's
+        work directory, so even a killed run's mount is swept."""
+        from dmuser.pytest_plugin.filesystems import mounted
 
-    def _unmount(self, where: str, loop: str) -> None:
-        from dmuser.pytest_plugin.rig import detach_loop, unmount
-
-        if os.path.ismount(where):
-            unmount(where)
-        detach_loop(loop)
-        with contextlib.suppress(ValueError):
-            self._mounts.remove((where, loop))
+        with mounted(dev, fstype, workdir=self.workdir, options=options, way=way) as where:
+            yield where
 
     # -- teardown -----------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
         """Undo everything this factory made; the devices that could not be removed."""
-        for where, loop in reversed(list(self._mounts)):
-            self._unmount(where, loop)
+        from dmuser.pytest_plugin.rig import undo_mounts_and_loops
+
+        undo_mounts_and_loops(self.workdir)  # a mount whose block was never left
         for name in self.made:
             with contextlib.suppress(DmuserError, OSError):
                 self.client.resume(name)
-        left = list(self.made)
-        for _ in range(10):
-            if not left:
-                break
-            for name in reversed(list(left)):  # users before what they stack on
+        self.made = self._remove_all(list(self.made))
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.made
+
+    def _remove_all(self, left: list[str]) -> list[str]:
+        """Remove ``left``, users before what they stack on, in rounds while there is
+        progress or for :data:`BUSY_RETRY` seconds; the names that would not go."""
+        deadline = time.monotonic() + BUSY_RETRY
+        while left:
+            round_start = len(left)
+            for name in reversed(list(left)):
                 try:
                     self.client.remove(name)
                 except NoSuchDevice:
                     pass  # removed by the test already
-                except (DmuserError, OSError):
+                except (ConnectionFailed, DaemonShuttingDown, OSError):
+                    return left  # no daemon to ask: stopping it is the fixture's job
+                except DmuserError:
                     continue  # still in use: next round
                 left.remove(name)
-        self.made = left
-        shutil.rmtree(self.workdir, ignore_errors=True)
+            if len(left) == round_start:  # no progress: busy (udev's probe?) or held
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         return left

@@ -122,10 +122,11 @@ def detach_loop(dev: str) -> None:
 
 
 def undo_mounts_and_loops(base: Path, keep: str | None = None) -> None:
-    """Unmount every non-FUSE mount below ``base`` but ``keep``, then detach the loops."""
+    """Unmount every mount below ``base`` but ``keep`` (kernel ones and fuse2fs ones),
+    then detach the loops."""
     for mp, fstype in mounts_under(base):
-        if mp != keep and not fstype.startswith("fuse"):
-            unmount(mp)
+        if mp != keep:
+            unmount(mp, fuse=fstype.startswith("fuse"))
     for dev in loops_under(base):
         detach_loop(dev)
 

@@ -11,6 +11,7 @@ A run killed outright cannot clean up; the next run sweeps what it left.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,6 @@ from dmuser.pytest_plugin import rig
 pytestmark = [pytest.mark.fuse]
 
 REPO = Path(__file__).resolve().parents[2]
-ROOT = os.geteuid() == 0 and bool(shutil.which("losetup") and shutil.which("mkfs.ext4"))
 
 
 @pytest.fixture
@@ -122,13 +122,22 @@ def test_private_daemon_fixture(dmuser_private_daemon, dmuser_daemon):
     assert dmuser_private_daemon.client.ls() == {}
     assert dmuser_private_daemon.socket != dmuser_daemon.socket
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounted() needs root")
-def test_mounted(dmuser_devices):
-    import subprocess
+def test_mounted_and_recording(dmuser_devices):
+    from dmuser.pytest_plugin import fsck, mkfs
     d = dmuser_devices.linear(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", d.path], check=True)
-    with dmuser_devices.mounted(d) as root:
+    mkfs(d.path)
+    with dmuser_devices.mounted(d) as root:  # root: kernel ext4; else fuse2fs
         (root / "f").write_text("x")
+    with dmuser_devices.mounted(d, options=("ro",)) as root:
+        assert (root / "f").read_text() == "x"
+    fsck(d.path)
+    rec = dmuser_devices.recording(1 << 20)
+    rec.device.write(0, b"a" * 512)      # fsync: a flush
+    rec.mark("one")
+    rec.device.write(512, b"b" * 512)
+    states = [(p.kind, p.mark, p.image.read_bytes()[:1024]) for p in rec.crash_points()]
+    assert ("MARK", "one", b"a" * 512 + bytes(512)) in states
+    assert states[-1] == ("MARK", "dm-log-writes-end", b"a" * 512 + b"b" * 512)
 
 def test_devices_are_gone_after_each_test(dmuser_client):
     assert dmuser_client.ls() == {}
@@ -139,25 +148,22 @@ def test_a_user_suite_using_every_fixture_and_helper_passes(pytester: pytest.Pyt
                                                              base: Path) -> None:
     pytester.makepyfile(test_user=USER_SUITE)
     result = run(pytester)
-    result.assert_outcomes(passed=10 if os.geteuid() == 0 else 9,
-                           skipped=0 if os.geteuid() == 0 else 1)
+    result.assert_outcomes(passed=10)
     assert leftovers(base) == []
 
 
 FAILING = '''
-import os, subprocess
 import pytest
+from dmuser.pytest_plugin import mkfs
 
 def test_fails_holding_devices(dmuser_devices):
     origin = dmuser_devices.linear(16 << 20)
+    mkfs(origin.path)
     dmuser_devices.snapshot(origin)
     m = dmuser_devices.mirror(2, log="disk", handle_errors=True)
     dmuser_devices.flakey(m.legs[0]).drop_writes()
-    if os.geteuid() == 0:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", origin.path], check=True)
-        with dmuser_devices.mounted(origin):
-            {fail}
-    {fail}
+    with dmuser_devices.mounted(origin):  # root: a loop mount; else fuse2fs
+        {fail}
 
 @pytest.mark.dmuser_own_daemon
 def test_fails_too(dmuser_devices):
@@ -191,15 +197,15 @@ def test_a_keyboard_interrupt_in_a_test_leaves_nothing(pytester: pytest.Pytester
 
 
 SLEEPER = '''
-import os, subprocess, time
+import os, time
 import pytest
+from dmuser.pytest_plugin import mkfs
 
 def test_sleeps(dmuser_devices, dmuser_daemon, dmuser_private_daemon):
     origin = dmuser_devices.linear(16 << 20)
+    mkfs(origin.path)
     dmuser_devices.snapshot(origin)
-    if os.geteuid() == 0:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", origin.path], check=True)
-        dmuser_devices.mounted(origin).__enter__()
+    dmuser_devices.mounted(origin).__enter__()  # root: a loop mount; else fuse2fs
     open(os.environ["READY_FILE"], "w").close()
     time.sleep(120)
 '''
@@ -242,9 +248,15 @@ def test_a_killed_run_is_swept_by_the_next(pytester: pytest.Pytester, base: Path
     assert leftovers(base) == []
 
 
-def test_the_example_suite_passes(pytester: pytest.Pytester, base: Path) -> None:
-    example = REPO / "examples" / "test_app_data_survives_merge.py"
-    shutil.copy(example, pytester.path / example.name)
-    result = run(pytester, "-rs")
-    result.assert_outcomes(passed=2 if ROOT else 1, skipped=0 if ROOT else 1)
+def test_the_examples_pass(pytester: pytest.Pytester, base: Path) -> None:
+    """Every example, as a user would run it (root: kernel mounts; else fuse2fs)."""
+    examples = sorted((REPO / "examples").glob("test_*.py"))
+    for example in examples:
+        shutil.copy(example, pytester.path / example.name)
+    result = run(pytester, "-rs", "-s")
+    result.assert_outcomes(passed=4)
+    print(*result.stdout.lines[-8:], sep="\n")  # the SQLite example's count, for the log
+    line = [x for x in result.stdout.lines if x.startswith("SQLite: ")]
+    assert len(line) == 1 and re.fullmatch(r"SQLite: (\d+) crash points checked, \1 passed",
+                                           line[0]), line
     assert leftovers(base) == []
