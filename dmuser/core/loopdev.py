@@ -42,14 +42,14 @@ import subprocess
 
 import trio
 
-from dmuser.core.blockdev import (
+from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
+from dmuser.core.hostdev import (
     freeze_fs,
     mountpoints_of,
     openers,
     set_read_only,
     thaw_fs,
 )
-from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
 from dmuser.core.mapped_device import MappedDevice
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class LoopDevices:
 
     async def open_counts(self, devices: list[MappedDevice]) -> dict[str, int]:
         """Opens of the block devices of ``devices`` (by name; those with one), as the
-        kernel counts a dm device's (``blockdev.openers``: one ``/proc`` scan)."""
+        kernel counts a dm device's (``hostdev.openers``: one ``/proc`` scan)."""
         devnos = {md.block_devno: md.name for md in devices if md.block_devno}
         if not devnos:
             return {}

@@ -1,0 +1,117 @@
+"""Controls on the host's kernel block devices and mounted file systems.
+
+``loopdev.py`` uses these to make a dmuser device behave like a kernel dm device
+on its block device: BLKROSET for read-only tables, FIFREEZE/FITHAW around a
+suspend (the dm core's lock_fs), and the kernel-style open count from ``/proc``.
+
+They are control calls, not the data path: ``blockdev.py`` stays the one module
+that moves a bio's bytes.  Every function here may block; the callers run them in
+a worker thread (``trio.to_thread``), because the kernel may send I/O back to this
+daemon (a loop device on one of its FUSE files) before the call returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import struct
+
+_BLKROSET = 0x125D
+_FIFREEZE = 0xC0045877
+_FITHAW = 0xC0045878
+
+
+def set_read_only(dev: str, read_only: bool) -> None:
+    """BLKROSET on block device ``dev``: writes to it then fail with EPERM and a
+    ``mount`` falls back to read-only."""
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _BLKROSET, struct.pack("i", int(read_only)))
+    finally:
+        os.close(fd)
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mountpoints_of(devno: str, dev: str = "") -> list[str]:
+    """The mount points of file systems on block device ``devno`` (``MAJ:MIN``), or
+    whose mount source is ``dev`` (``/dev/loopN``, also through a link such as
+    ``/dev/mapper/NAME``: btrfs reports an anonymous ``MAJ:MIN``), from
+    ``/proc/self/mountinfo``."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 5 or "-" not in fields[5:]:
+                continue
+            rest = fields[fields.index("-", 5) + 1:]
+            source = _unescape(rest[1]) if len(rest) > 1 else ""
+            if fields[2] == devno or (dev and source.startswith("/dev/")
+                                      and os.path.realpath(source) == dev):
+                found.append(_unescape(fields[4]))
+    return found
+
+
+def _fs_ioctl(mountpoint: str, request: int) -> None:
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, request, struct.pack("i", 0))
+    finally:
+        os.close(fd)
+
+
+def freeze_fs(mountpoint: str) -> bool:
+    """FIFREEZE the file system mounted on ``mountpoint``: it writes back and then
+    blocks new writes until :func:`thaw_fs`.  False if it was frozen already
+    (by someone else, who keeps the thaw); other errors raise OSError."""
+    try:
+        _fs_ioctl(mountpoint, _FIFREEZE)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise
+    return True
+
+
+def thaw_fs(mountpoint: str) -> None:
+    """FITHAW: undo :func:`freeze_fs`.  A file system not frozen (EINVAL) is fine."""
+    try:
+        _fs_ioctl(mountpoint, _FITHAW)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+
+
+def openers(devnos: list[str]) -> dict[str, int]:
+    """How many times each block device ``MAJ:MIN`` is open, as the kernel's open
+    count of a dm device would count it: one per file descriptor of any process
+    (``/proc/*/fd``), one if a file system is mounted on it, one per holder
+    (another block device stacked on it, ``/sys/dev/block/MAJ:MIN/holders``)."""
+    wanted = {os.makedev(*map(int, d.split(":"))): d for d in devnos}
+    counts = dict.fromkeys(devnos, 0)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted:
+                counts[wanted[st.st_rdev]] += 1
+    for devno in devnos:
+        if mountpoints_of(devno, os.path.realpath(f"/dev/block/{devno}")):
+            counts[devno] += 1
+        with contextlib.suppress(OSError):
+            counts[devno] += len(os.listdir(f"/sys/dev/block/{devno}/holders"))
+    return counts
