@@ -24,7 +24,7 @@ import logging
 
 from dmuser.core.errors import TargetArgError
 from dmuser.targets.snapshot.registry import drop_origin_if_unused, get_origin, lookup_origin
-from dmuser.targets.snapshot.snap import PENDING_DONE, Snapshot
+from dmuser.targets.snapshot.snap import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ async def take_over(dest: Snapshot) -> None:
         dest.handover_pending = False
         return
     while src.pending:
-        await PENDING_DONE.wait()
+        await src.commit_all()
     # -- no checkpoint from here on --
     dest.complete.swap(src.complete)
     own_store, dest.store, src.store = dest.store, src.store, dest.store

@@ -39,7 +39,6 @@ from dmuser.services.dm_io import Region
 from dmuser.targets.snapshot.exception_table import ExceptionTableError
 from dmuser.targets.snapshot.handover import find_sharing_cow
 from dmuser.targets.snapshot.registry import do_origin, lookup_origin, origin_write_nowait
-from dmuser.targets.snapshot.snap import PENDING_DONE
 from dmuser.targets.snapshot.snapshot import SnapshotTarget
 from dmuser.targets.snapshot.store import StoreError
 
@@ -140,7 +139,8 @@ class SnapshotMergeTarget(SnapshotTarget):
                                              with_bio=False)
             if not waits:
                 break
-            await PENDING_DONE.wait()
+            for pe in waits:
+                await pe.snap.wait_committed(pe)
         self.step = MergeStep(old_start, n)
         await self.snap.tracker.wait_idle(old_start, n)
         read_err, write_err = await self.snap.service.copy_wait(

@@ -22,6 +22,7 @@ from typing import Any
 
 from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
+from dmuser.targets.snapshot.held import HeldWrites
 from dmuser.targets.snapshot.snap import PendingException, Snapshot
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Origin:
     snapshots: list[Snapshot] = field(default_factory=list)
     #: resumed snapshot-origin targets of this device (resume adds, postsuspend removes)
     origin_targets: list[object] = field(default_factory=list)
+    #: origin writes acknowledged before their exceptions were durable (``held.py``)
+    held: HeldWrites = field(default_factory=HeldWrites)
 
     def insert(self, snap: Snapshot) -> None:
         size = snap.store.chunk_size
@@ -72,7 +75,7 @@ def get_origin(dev: BlockDevice) -> Origin:
 
 
 def drop_origin_if_unused(origin: Origin) -> None:
-    if not origin.snapshots and not origin.origin_targets:
+    if not origin.snapshots and not origin.origin_targets and not origin.held:
         ORIGINS.pop(origin.key, None)
 
 
@@ -142,36 +145,48 @@ def origin_write_is_plain(origin_dev: BlockDevice, sector: int, nr_sectors: int)
     return True
 
 
+def collect_copies(origin: Origin, start: int, end: int) -> list[PendingException]:
+    """Steps 2-3 of an origin write without waiting (no checkpoint): start every
+    copy-out a write of ``[start, end)`` needs now, and return the pending
+    exceptions it must wait for (empty: it may go to the origin).
+
+    When every chunk the write touches is already copied in every snapshot,
+    one range check per snapshot decides that.  Otherwise the range is cut at
+    the smallest chunk size of the origin's snapshots, so each piece lies
+    inside one chunk of every snapshot, and the pieces are looked at in
+    sector order, so COW chunks are allocated in the kernel's order.
+    """
+    snaps = [s for s in origin.snapshots if s.active and s.valid and not s.is_merge]
+    if all(_needs_no_copy(s, start, end) for s in snaps):
+        return []
+    step = origin.min_chunk_size()
+    waits: list[PendingException] = []
+    for sector in (start, *range((start // step + 1) * step, end, step)):
+        waits.extend(origin_write_nowait(snaps, sector))
+    return waits
+
+
+async def wait_throttle(origin: Origin) -> None:
+    """Wait while any snapshot of the origin has too many copies in progress."""
+    for snap in list(origin.snapshots):
+        await snap.wait_throttle()
+
+
 async def do_origin(origin_dev: BlockDevice, bio: Bio, throttle: bool) -> None:
     """Copy out every chunk a write to the origin is about to overwrite (``do_origin``).
 
-    Returns when no active snapshot needs a copy of any chunk the bio touches;
-    the caller then sends the bio to the origin (whole: it is never split).
-    When every chunk the bio touches is already copied in every snapshot, one
-    range check per snapshot decides that.  Otherwise the bio is cut at the
-    smallest chunk size of the origin's snapshots, so each piece lies inside
-    one chunk of every snapshot, and the pieces are looked at in sector order,
-    so COW chunks are allocated in the kernel's order; pieces already copied
-    cost a lookup each.
+    Returns when no active snapshot needs a copy of any chunk the bio touches
+    and each copy it needed is durably committed (:func:`collect_copies`, then
+    ``Snapshot.wait_committed``, until nothing is left); the caller then sends
+    the bio to the origin (whole: it is never split).
     """
     origin = lookup_origin(origin_dev)
     if origin is None or not origin.snapshots:
         return
     if throttle:
-        for snap in list(origin.snapshots):
-            await snap.wait_throttle()
-    start, end = bio.sector, bio.end_sector
-    while True:
-        snaps = [s for s in origin.snapshots if s.active and s.valid and not s.is_merge]
-        if all(_needs_no_copy(s, start, end) for s in snaps):
-            break
-        step = origin.min_chunk_size()
-        waits: list[PendingException] = []
-        for sector in (start, *range((start // step + 1) * step, end, step)):
-            waits.extend(origin_write_nowait(snaps, sector))
-        if not waits:
-            break
+        await wait_throttle(origin)
+    while waits := collect_copies(origin, bio.sector, bio.end_sector):
         for pe in waits:
-            await pe.done.wait()
+            await pe.snap.wait_committed(pe)
     for snap in list(origin.snapshots):  # a full COW invalidated one: header first
         await snap.wait_invalidated()

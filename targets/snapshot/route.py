@@ -110,7 +110,7 @@ async def _fail_after_drop(snap: Snapshot, text: str) -> None:
 
 async def _wait_pending(pe: PendingException, dev: BlockDevice | None, piece: Bio | None) -> None:
     """Wait for the exception's commit, then send the queued snapshot bio to the COW."""
-    await pe.done.wait()
+    await pe.snap.wait_committed(pe)
     if pe.error:
         raise DmIOError("snapshot exception failed")
     if dev is not None and piece is not None:

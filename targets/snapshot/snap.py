@@ -16,6 +16,12 @@ Guarantees (the protocol is written down in ``docs/snapshot-protocol.md``):
   time runs; a copy finishing meanwhile only queues itself.  For P the data
   copy is durable, then the metadata area (PREFLUSH|FUA) is, before anything
   waiting on the exception is released.
+* Deferred group commit: while no task waits in :meth:`Snapshot.wait_committed`,
+  the store keeps committed records in memory (``hold``); the first waiter,
+  an invalidation or :meth:`Snapshot.close` makes the loop write them all in
+  one area write.  ``pe.done`` is set only after that write, so nothing that
+  depends on durability (an origin write reaching the origin, a snapshot
+  write) can run before it.
 * A completed exception releases its waiters only once no tracked read of the
   chunk is left (``ChunkTracker``), so a snapshot read never sees origin data
   written after the snapshot.
@@ -67,23 +73,6 @@ class PendingException:
     done: trio.Event = field(default_factory=trio.Event)
 
 
-class _PendingDone:
-    """The kernel's ``_pending_exceptions_done``: wakes whoever waits for *any* completion."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
-PENDING_DONE = _PendingDone()
-
-
 class Snapshot:
     """The shared state of a snapshot or snapshot-merge target.
 
@@ -127,7 +116,9 @@ class Snapshot:
         self._next_seq = 0           # exception_start_sequence
         self._complete_seq = 0       # exception_complete_sequence
         self._out_of_order: dict[int, PendingException] = {}
-        self._committing = False     # a task is running the commit loop of _copy_done
+        self._committing = False     # a task is running the commit loop (_run_commits)
+        self._waited: dict[int, int] = {}  # seq -> tasks in wait_committed for it
+        self._closing = False        # close() started: commits are not held
         self._progress = trio.Event()
         self._dropped: trio.Event | None = None  # set once drop_snapshot finished
 
@@ -204,24 +195,45 @@ class Snapshot:
         """A copy (or full-chunk write) ended: commit, in allocation order.
 
         Runs in the kcopyd callback worker (a copy) or in the full-chunk
-        write's service task.  One task at a time runs the commit loop
-        (``_committing``); a copy finishing meanwhile only queues its
-        exception, and the running loop commits it when its turn comes (its
-        check follows every await), so commits never overlap and go in
-        sequence order, as with the kernel's single kcopyd callback thread.
+        write's service task.
         """
         self.copy_finished()
         pe.copy_error = failed
         self._out_of_order[pe.seq] = pe
+        await self._run_commits()
+
+    def _must_write(self, upto: int) -> bool:
+        """Records up to sequence ``upto`` may not stay in memory: a task waits for
+        one of them, or the snapshot is invalid or closing."""
+        return not self.valid or self._closing or any(seq <= upto for seq in self._waited)
+
+    async def _run_commits(self) -> None:
+        """The commit loop: one task at a time runs it (``_committing``).
+
+        A copy finishing meanwhile only queues its exception, and the running
+        loop commits it when its turn comes (its checks follow every await),
+        so commits never overlap and go in sequence order, as with the
+        kernel's single kcopyd callback thread.  While no task waits for a
+        record (:meth:`wait_committed`), the store keeps it in memory
+        (deferred group commit); the loop writes the held records as soon as
+        a task waits for one of them, the snapshot becomes invalid, or it
+        closes.
+        """
         if self._committing:
             return
         self._committing = True
         try:
-            while self._complete_seq in self._out_of_order:
-                e = self._out_of_order.pop(self._complete_seq)
-                self._complete_seq += 1
-                done = await self.store.commit_exception(e.old_chunk, e.new_chunk,
-                                                         not e.copy_error, e)
+            while True:
+                if self._complete_seq in self._out_of_order:
+                    e = self._out_of_order.pop(self._complete_seq)
+                    self._complete_seq += 1
+                    done = await self.store.commit_exception(
+                        e.old_chunk, e.new_chunk, not e.copy_error, e,
+                        hold=not self._must_write(e.seq))
+                elif self.store.held and self._must_write(self._complete_seq - 1):
+                    done = await self.store.commit_held()
+                else:
+                    break
                 for ctx, ok in done:
                     await self._pending_complete(ctx, ok)
         except Exception:  # a bug: do not leave writers waiting forever
@@ -233,6 +245,44 @@ class Snapshot:
             self.pending.clear()
         finally:
             self._committing = False
+
+    def _kick(self) -> None:
+        """Start the commit loop in the service if records are held and it is idle."""
+        if not self._committing and self.store.held and self._must_write(self._complete_seq - 1) \
+                and not self.service.start_io(self._run_commits):
+            log.error("%s: cannot commit held exceptions", self.md_name)
+
+    async def wait_committed(self, pe: PendingException) -> None:
+        """Wait until ``pe`` is done, making the commit it waits for happen now.
+
+        Every task that must not return before the exception is durable uses
+        this (a snapshot write, a synchronous origin write, a merge step, a
+        handover, a drain of held origin writes): while it waits, commits are
+        not held back.  Cancelling the wait leaves the commit to the service.
+        """
+        if pe.done.is_set():
+            return
+        self._waited[pe.seq] = self._waited.get(pe.seq, 0) + 1
+        try:
+            self._kick()
+            await pe.done.wait()
+        finally:
+            if self._waited[pe.seq] == 1:
+                del self._waited[pe.seq]
+            else:
+                self._waited[pe.seq] -= 1
+
+    async def commit_all(self) -> None:
+        """Wait until every exception pending now is committed (or failed)."""
+        for pe in list(self.pending.values()):
+            await self.wait_committed(pe)
+
+    async def close(self) -> None:
+        """Commit what is held and stop the service (the target's destructor)."""
+        self._closing = True
+        self._kick()
+        await self.commit_all()
+        await self.service.stop()
 
     async def _pending_complete(self, pe: PendingException, success: bool) -> None:
         if not success:
@@ -246,7 +296,6 @@ class Snapshot:
             await self.tracker.wait_idle(pe.old_chunk)
         if self.pending.get(pe.old_chunk) is pe:
             del self.pending[pe.old_chunk]
-        PENDING_DONE.notify()
         pe.done.set()
 
     # -- invalidation and throttling -----------------------------------------------------
@@ -272,11 +321,17 @@ class Snapshot:
 
         if not self.service.start_io(drop):
             dropped.set()
+        self._kick()  # held records fail now (their waiters must not hang)
 
     @property
     def invalidated(self) -> bool:
         """True once :meth:`invalidate` ran (its header write may still be under way)."""
         return self._dropped is not None
+
+    @property
+    def dropping(self) -> bool:
+        """An invalidation's header write is under way."""
+        return self._dropped is not None and not self._dropped.is_set()
 
     async def wait_invalidated(self) -> None:
         """Return once an invalidation's header write is done (the kernel does it inline)."""

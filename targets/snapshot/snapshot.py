@@ -37,6 +37,7 @@ from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError, TableError, TargetArgError
 from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext
 from dmuser.targets.snapshot import handover
+from dmuser.targets.snapshot.registry import lookup_origin
 from dmuser.targets.snapshot.route import discard, plan, run_all
 from dmuser.targets.snapshot.service import Service
 from dmuser.targets.snapshot.snap import Snapshot
@@ -122,7 +123,7 @@ class SnapshotTarget(Target):
 
     async def close(self) -> None:
         await handover.unregister_snapshot(self.snap)
-        await self.snap.service.stop()
+        await self.snap.close()
 
     async def preresume(self) -> None:
         handover.check_preresume(self.snap)
@@ -130,6 +131,10 @@ class SnapshotTarget(Target):
     async def resume(self) -> None:
         if self.snap.handover_pending:
             await handover.take_over(self.snap)
+        origin = lookup_origin(self.snap.origin)
+        while not self.snap.active and origin is not None and origin.held:
+            # writes acknowledged before activation are part of the snapshot
+            await origin.held.drain(everything=True)
         self.snap.active = True
         self.snap.suspended = False
 

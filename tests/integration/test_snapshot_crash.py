@@ -1,23 +1,28 @@
 """Crash consistency of snapshots: ``kill -9`` of the daemon during concurrent writes.
 
-Writers (subprocesses) write self-describing 4 KiB blocks with ``O_DIRECT`` +
-``fsync`` to the origin device (``snapshot-origin``) and to the snapshot
-devices at the same time.  Each writer owns its blocks, so its writes to a
-block are ordered; it logs every write before issuing it (``I``) and again
-once ``fsync`` returned (``A``), to a file outside the FUSE mount.  At a seeded
-random moment the daemon gets SIGKILL.  Then, before anything is re-created:
+Writers (subprocesses) write self-describing 4 KiB blocks with ``O_DIRECT``
+to the origin device (``snapshot-origin``) and to the snapshot devices at the
+same time, with an ``fsync`` after every burst of 1 to ``FSYNC_EVERY``
+writes (origin writes are then acknowledged before their copy-outs are
+durable, and held in the daemon until a group commit: ``held.py``).  Each
+writer owns its blocks, so its writes to a block are ordered; it logs every
+write before issuing it (``I``) and each completed ``fsync`` (``A``: every
+write logged before it is durable), to a file outside the FUSE mount.  At a
+seeded random moment the daemon gets SIGKILL.  Then, before anything is
+re-created:
 
-* ``dmuser cow check`` passes on every COW;
+* ``dmuser cow check`` passes on every COW (the metadata walk: no record names
+  a chunk twice, past the device, or a metadata area);
 
 and after a restart on the same paths (``serve`` cleans the stale mount and
 socket) and re-creating the same tables:
 
-* the origin holds, per block, the last acknowledged write -- or, for the
-  one write in flight when the daemon died, either its old or its new data;
-* each snapshot equals the origin as it was when the snapshot was taken plus
-  the snapshot's own writes, with the same rule.  The COW images start out
-  filled with garbage, so an exception pointing at a chunk whose copy never
-  landed would show up as a block nobody wrote.
+* (b) the origin holds, per block, the last write covered by a completed
+  ``fsync`` -- or one of the writes to that block issued after it;
+* (a) each snapshot equals the origin as it was when the snapshot was taken
+  plus the snapshot's own writes, with the same rule.  The COW images start
+  out filled with garbage, so an exception pointing at a chunk whose copy
+  never landed would show up as a block nobody wrote.
 
 What was read is then taken as the new reference, and the next round starts
 (a second snapshot is taken on the way).  The last kill point falls in the
@@ -26,12 +31,13 @@ alone, finishes the merge, and the origin then equals the merged snapshot while
 the other snapshot is untouched.
 
 A second test puts ext4 on the snapshot: journaled file writes with fsync and
-``sync`` while raw writes to the origin keep copying chunks out, then the kill;
+``syncfs`` while raw writes to the origin keep copying chunks out, then the kill;
 after the restart the journal replays on mount, every fsync'd file is intact
 and ``e2fsck -fn`` is clean.
 
-The seed is ``$DMUSER_CRASH_SEED`` (default fixed); the kill points executed
-are printed (``-s`` shows them).
+The seed is ``$DMUSER_CRASH_SEED`` (default fixed); the first test's kill
+points are ``$DMUSER_CRASH_POINTS`` (default 10, about 50 s; the on-demand tier
+runs 50 or more); the kill points executed are printed (``-s`` shows them).
 """
 
 from __future__ import annotations
@@ -56,8 +62,12 @@ SECTOR = 512
 BLOCK = 4096
 
 SEED = int(os.environ.get("DMUSER_CRASH_SEED", "20240917"))
+#: kill points of test_kill9_during_origin_and_snapshot_writes (rounds + the merge)
+POINTS = max(2, int(os.environ.get("DMUSER_CRASH_POINTS", "10")))
+#: a writer fsyncs after every burst of 1..FSYNC_EVERY writes
+FSYNC_EVERY = 6
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(180 + 12 * POINTS)]
 
 #: kill points executed by this module (reported at the end of each test)
 KILLS: list[str] = []
@@ -67,13 +77,14 @@ KILLS: list[str] = []
 
 WRITER = r"""
 import mmap, os, random, sys
-dev, log, tag, seed, lo, hi, seq = sys.argv[1:8]
-seed, lo, hi, seq = int(seed), int(lo), int(hi), int(seq)
+dev, log, tag, seed, lo, hi, seq, every = sys.argv[1:9]
+seed, lo, hi, seq, every = int(seed), int(lo), int(hi), int(seq), int(every)
 BLOCK = 4096
 rng = random.Random(seed)
 buf = mmap.mmap(-1, 4 * BLOCK)           # page aligned, as O_DIRECT wants
 logfd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+burst = rng.randint(1, every)
 while True:
     n = rng.choice((1, 1, 1, 2, 3, 4))
     blk = rng.randrange(lo, hi - n + 1)
@@ -82,11 +93,14 @@ while True:
     os.write(logfd, f"I {blk} {n} {seq}\n".encode())
     try:
         os.pwrite(fd, memoryview(buf)[:n * BLOCK], blk * BLOCK)
-        os.fsync(fd)
+        burst -= 1
+        if not burst:
+            os.fsync(fd)
+            os.write(logfd, f"A {seq}\n".encode())
+            burst = rng.randint(1, every)
     except OSError as exc:
         os.write(logfd, f"E {seq} {exc.errno}\n".encode())
         break
-    os.write(logfd, f"A {seq}\n".encode())
     seq += 1
 """
 
@@ -105,12 +119,12 @@ def describe(data: bytes) -> str:
 
 class Writer:
     def __init__(self, dev: Path, log: Path, tag: str, seed: int, lo: int, hi: int,
-                 seq: int) -> None:
+                 seq: int, every: int = FSYNC_EVERY) -> None:
         self.log, self.tag = log, tag
         log.write_bytes(b"")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(dev), str(log), tag, str(seed), str(lo), str(hi),
-             str(seq)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+             str(seq), str(every)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
 
     def started(self) -> bool:
@@ -127,27 +141,29 @@ class Writer:
             self.proc.stderr.close()
         assert self.proc.returncode in (0, -signal.SIGKILL), f"writer {self.tag}: {err}"
 
-    def outcome(self) -> tuple[dict[int, int], dict[int, int], int]:
-        """(block -> last acknowledged seq, block -> seq of the write in flight, #acked)."""
+    def outcome(self) -> tuple[dict[int, int], dict[int, list[int]], int]:
+        """(block -> seq of the last write covered by a completed fsync,
+        block -> seqs of the writes after it (acknowledged or in flight),
+        #writes covered by a completed fsync)."""
         acked: dict[int, int] = {}
-        inflight: tuple[int, int, int] | None = None
+        since: list[tuple[int, int, int]] = []  # writes after the last completed fsync
         nacked = 0
         for line in self.log.read_text().splitlines():
             w = line.split()
             if w[0] == "I":
-                inflight = (int(w[1]), int(w[2]), int(w[3]))
+                since.append((int(w[1]), int(w[2]), int(w[3])))
             elif w[0] == "A":
-                assert inflight is not None and inflight[2] == int(w[1]), line
-                blk, n, seq = inflight
-                for b in range(blk, blk + n):
-                    acked[b] = seq
-                inflight = None
-                nacked += 1
-            # "E": the write failed (the daemon died): it stays in flight
-        maybe = {}
-        if inflight is not None:
-            blk, n, seq = inflight
-            maybe = {b: seq for b in range(blk, blk + n)}
+                assert since and since[-1][2] == int(w[1]), line
+                for blk, n, seq in since:
+                    for b in range(blk, blk + n):
+                        acked[b] = seq
+                nacked += len(since)
+                since = []
+            # "E": the write failed (the daemon died): it stays in doubt
+        maybe: dict[int, list[int]] = {}
+        for blk, n, seq in since:
+            for b in range(blk, blk + n):
+                maybe.setdefault(b, []).append(seq)
         return acked, maybe, nacked
 
 
@@ -164,8 +180,8 @@ class Model:
         acked, maybe, nacked = w.outcome()
         for b, seq in acked.items():
             self.blocks[b] = block_data(w.tag, b, seq)
-        for b, seq in maybe.items():
-            self.accept.setdefault(b, []).append(block_data(w.tag, b, seq))
+        for b, seqs in maybe.items():
+            self.accept.setdefault(b, []).extend(block_data(w.tag, b, seq) for seq in seqs)
         return nacked
 
     def check_and_resolve(self, path: Path) -> int:
@@ -311,7 +327,7 @@ def test_kill9_during_origin_and_snapshot_writes(rig_factory,  # type: ignore[no
     rig.take_snapshot("s1", 8, origin)
     half = rig.nblk // 2
     stats = []
-    for rnd in range(6):
+    for rnd in range(POINTS - 1):
         if rnd == 2:
             rig.take_snapshot("s2", 16, origin)
         seq = (rnd + 1) * 1_000_000
@@ -321,7 +337,7 @@ def test_kill9_during_origin_and_snapshot_writes(rig_factory,  # type: ignore[no
         for s in rig.snaps:
             writers.append(Writer(d.path(s.name), tmp_path / f"{s.name}-{rnd}.log", s.name,
                                   rng.randrange(1 << 30), 0, rig.nblk, seq))
-        delay = rng.uniform(0.1, 1.2)
+        delay = rng.uniform(0.1, 0.9)
         run_writers(rig, writers, delay, f"round {rnd}: {delay:.2f} s into "
                                          f"{len(writers)} writers")
         acks = {w.tag: (origin if w.tag.startswith("o") else
@@ -374,11 +390,11 @@ def test_kill9_during_origin_and_snapshot_writes(rig_factory,  # type: ignore[no
     d.cli("remove", "origin")
     print("\nsnapshot crash test, seed", SEED, "\n" + "\n".join(stats))
     print(f"kill points executed: {len(KILLS)}: " + "; ".join(KILLS))
-    assert len(KILLS) >= 7
+    assert len(KILLS) >= POINTS
 
 
 EXT4_WRITER = r"""
-import hashlib, os, random, sys
+import ctypes, hashlib, os, random, sys
 mnt, log, seed, nfiles = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 logfd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -391,7 +407,9 @@ for i in range(nfiles):
     os.fsync(fd)
     os.close(fd)
     os.write(logfd, f"{rel} {hashlib.sha256(data).hexdigest()}\n".encode())
-os.sync()
+fd = os.open(mnt, os.O_RDONLY)        # syncfs, not sync: other file systems may be frozen
+assert ctypes.CDLL(None, use_errno=True).syncfs(fd) == 0, ctypes.get_errno()
+os.close(fd)
 os.write(logfd, b"SYNCED\n")
 """
 

@@ -16,7 +16,9 @@ Contract between a store and the snapshot target (what each side guarantees):
   this call, each with its success flag; a persistent store may return ``[]``
   and hand a context back from a later call (group commit, dm-spec §3.5).
   A returned success means the copied data *and* the metadata naming it are on
-  stable storage.
+  stable storage.  With ``hold=True`` the store may keep the context until a
+  later :meth:`ExceptionStore.commit_held` (deferred group commit); a store
+  with nothing to make durable ignores ``hold``.
 * ``read_metadata``, ``prepare_merge``, ``commit_merge`` and ``drop_snapshot``
   are only called while no commit is running.
 """
@@ -121,9 +123,22 @@ class ExceptionStore:
         raise NotImplementedError
 
     async def commit_exception(self, old_chunk: int, new_chunk: int, valid: bool,
-                               context: Any) -> list[tuple[Any, bool]]:
-        """Record a finished copy; see the module docstring for ordering and batching."""
+                               context: Any, hold: bool = False) -> list[tuple[Any, bool]]:
+        """Record a finished copy; see the module docstring for ordering and batching.
+
+        ``hold``: the caller will end the batch itself (:meth:`commit_held`);
+        a store may then keep the record's context until that call."""
         raise NotImplementedError
+
+    @property
+    def held(self) -> int:
+        """Contexts kept by commits with ``hold`` that :meth:`commit_held` would return
+        now (0: nothing to do, or a later commit will end the batch)."""
+        return 0
+
+    async def commit_held(self) -> list[tuple[Any, bool]]:
+        """Make every held record durable now; returns their contexts as commit does."""
+        return []
 
     async def prepare_merge(self) -> tuple[int, int, int]:
         """``(n, last_old, last_new)``: the next run of exceptions to merge (n = 0: done)."""

@@ -16,6 +16,9 @@ Guarantees:
   a crash and its chunk handed out again.
 * Commits are batched while other exceptions are prepared but not committed and
   the area is not full (group commit): one flush then covers the whole batch.
+  A commit with ``hold`` keeps the batch open until :meth:`commit_held` (the
+  snapshot's deferred group commit, ``docs/snapshot-protocol.md``); a full
+  area is written at once either way.
 * Any failed write makes the store invalid for good: later commits report
   failure and :meth:`drop_snapshot` rewrites the header with ``valid = 0``.
 * The header is written only for a new store and by :meth:`drop_snapshot`.
@@ -223,9 +226,19 @@ class PersistentStore(ExceptionStore):
             raise RuntimeError("persistent store: overlapping commit/merge calls")
         self._busy = True
 
+    @property
+    def held(self) -> int:
+        """Records in the in-memory area not yet written, when :meth:`commit_held` may
+        write them: 0 while other exceptions are prepared but not committed (the
+        last of those commits ends the batch, as without ``hold``)."""
+        return 0 if self.pending_count else len(self._waiting)
+
     async def commit_exception(self, old_chunk: int, new_chunk: int, valid: bool,
-                               context: Any) -> list[tuple[Any, bool]]:
-        """Record one exception; write the area when the batch ends or the area fills."""
+                               context: Any, hold: bool = False) -> list[tuple[Any, bool]]:
+        """Record one exception; write the area when the batch ends or the area fills.
+
+        With ``hold`` the batch does not end here: the record waits in memory
+        for :meth:`commit_held` (or for the area to fill)."""
         self._enter()
         try:
             if not valid:
@@ -235,27 +248,40 @@ class PersistentStore(ExceptionStore):
             self._waiting.append(context)
             self.pending_count -= 1
             full = self.current_committed == self.exceptions_per_area
-            if self.pending_count and not full:
+            if (self.pending_count or hold) and not full:
                 return []
-            if full:
-                try:
-                    await self._zero_disk_area(self.current_area + 1)
-                except DmIOError:
-                    self.valid = False
-            if self.valid:
-                try:
-                    await self._write_chunk(self.area_location(self.current_area), self._area,
-                                            ReqFlag.PREFLUSH | ReqFlag.FUA | ReqFlag.SYNC)
-                except DmIOError:
-                    self.valid = False
-            if full:
-                self.current_committed = 0
-                self.current_area += 1
-                self._zero_memory_area()
-            done, self._waiting = self._waiting, []
-            return [(ctx, self.valid) for ctx in done]
+            return await self._write_area(full)
         finally:
             self._busy = False
+
+    async def commit_held(self) -> list[tuple[Any, bool]]:
+        """End the batch now: write the area holding the held records (if any)."""
+        self._enter()
+        try:
+            return await self._write_area(False) if self._waiting else []
+        finally:
+            self._busy = False
+
+    async def _write_area(self, full: bool) -> list[tuple[Any, bool]]:
+        """Zero the next area if this one is full, then write this one with
+        PREFLUSH|FUA; hand back every waiting context with the outcome."""
+        if full:
+            try:
+                await self._zero_disk_area(self.current_area + 1)
+            except DmIOError:
+                self.valid = False
+        if self.valid:
+            try:
+                await self._write_chunk(self.area_location(self.current_area), self._area,
+                                        ReqFlag.PREFLUSH | ReqFlag.FUA | ReqFlag.SYNC)
+            except DmIOError:
+                self.valid = False
+        if full:
+            self.current_committed = 0
+            self.current_area += 1
+            self._zero_memory_area()
+        done, self._waiting = self._waiting, []
+        return [(ctx, self.valid) for ctx in done]
 
     # -- merge -------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class TransientStore(ExceptionStore):
         return new_chunk
 
     async def commit_exception(self, old_chunk: int, new_chunk: int, valid: bool,
-                               context: Any) -> list[tuple[Any, bool]]:
+                               context: Any, hold: bool = False) -> list[tuple[Any, bool]]:
         return [(context, valid)]
 
     def usage(self) -> tuple[int, int, int]:

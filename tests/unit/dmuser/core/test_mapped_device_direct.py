@@ -22,6 +22,7 @@ from support.data import make_image
 from support.targets import make_manager, remove_all_checked
 
 from dmuser.byte_io import range_lock
+from dmuser.core.config import Config
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.fuse_ops import DeviceFS
@@ -202,7 +203,8 @@ class OriginEnv(SimpleNamespace):
 
 @pytest.fixture
 async def oenv(tmp_path: Path) -> AsyncIterator[OriginEnv]:
-    mgr = make_manager()
+    # origin writes wait for their commits (held writes: targets/snapshot/test_held.py)
+    mgr = make_manager(config=Config(snapshot_hold_bytes=0))
     fs = DeviceFS(mgr)
     base = tmp_path / "base.img"
     before = make_image(base, 64 * S, seed=9)

@@ -136,6 +136,7 @@ async def test_dmuser_cow_matches_independent_reader(tmp_path: Path, cs: int, nc
                 for op in batch:
                     nursery.start_soon(issue, *op)
 
+        await origin_md.submit(Bio.flush())  # commits the held origin writes' exceptions
         target = snap_md.live.targets[0]  # type: ignore[union-attr]
         in_memory = dict(target.snap.complete.items())
         status = (await run(mgr, "status", name="snap"))["snap"][0].split()

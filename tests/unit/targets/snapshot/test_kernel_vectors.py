@@ -6,6 +6,11 @@ exact output.  The runner below maps ``/dev/vdX`` to image files in a tmp dir,
 runs the verbs through ``control.dispatch`` on a fresh DeviceManager, and
 compares: table/status strings (with ``MAJ:MIN`` for the image paths), device
 sha256s, hexdumps of the COW, kernel log messages, and the images' final hashes.
+
+Each vector runs twice (``MODES``): with origin-write holding off (the kernel's
+commit before every origin write completes), and with the default holding plus
+a flush after every write step, which must give the kernel's bytes and
+statuses too (holding changes when areas are written, never what is in them).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from support.vectors import (
 
 from dmuser import control
 from dmuser.core.blockdev import BlockDevice
+from dmuser.core.config import Config
 from dmuser.core.errors import DmError
 
 
@@ -49,11 +55,13 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
 class Runner:
     """Executes manifest steps against dmuser; collects mismatches instead of stopping."""
 
-    def __init__(self, tmp: Path, devices: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, devices: dict[str, str], mode: str = "kernel") -> None:
         self.tmp = tmp
         self.files = devices                      # /dev/vda -> origin.img
         self.majmin: dict[str, str] = {}          # /dev/vda -> 254:0
-        self.mgr = make_manager()
+        self.flush_writes = mode == "held"
+        self.mgr = make_manager(config=Config() if self.flush_writes
+                                else Config(snapshot_hold_bytes=0))
         self.mismatches: list[str] = []
 
     def _check(self, step: dict[str, Any], got: str, rc: int) -> None:
@@ -173,6 +181,8 @@ class Runner:
         assert not isinstance(dev, Path)
         try:
             await dev.write(sector, data)
+            if self.flush_writes:
+                await dev.flush()
             return 0
         except DmError:
             return 1
@@ -190,10 +200,13 @@ def kernel_messages(steps: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+MODES = pytest.mark.parametrize("mode", ["kernel", "held"])
+
+
 async def replay(name: str, tmp: Path, caplog: pytest.LogCaptureFixture,
-                 skip: tuple[str, ...] = ()) -> Runner:
+                 mode: str, skip: tuple[str, ...] = ()) -> Runner:
     manifest = load_manifest(name)
-    runner = Runner(tmp, {"/dev/vda": "origin.img", "/dev/vdb": "cow.img"})
+    runner = Runner(tmp, {"/dev/vda": "origin.img", "/dev/vdb": "cow.img"}, mode)
     steps = steps_of(manifest)
     try:
         for step in steps:
@@ -218,25 +231,28 @@ def initial_images(name: str, tmp: Path) -> None:
         (tmp / image["name"]).write_bytes(data)
 
 
-async def test_snap_persistent_4k(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+@MODES
+async def test_snap_persistent_4k(tmp: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
     initial_images("snap-persistent-4k", tmp)
-    runner = await replay("snap-persistent-4k", tmp, caplog)
+    runner = await replay("snap-persistent-4k", tmp, caplog, mode)
     assert not runner.mismatches, "\n".join(runner.mismatches)
     # the stored images are the kernel's bytes after teardown
     for image in ("origin.img", "cow.img"):
         assert (tmp / image).read_bytes() == final_image("snap-persistent-4k", image)
 
 
-async def test_snap_reactivate(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+@MODES
+async def test_snap_reactivate(tmp: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
     for image in ("origin.img", "cow.img"):
         (tmp / image).write_bytes(final_image("snap-persistent-4k", image))
-    runner = await replay("snap-reactivate", tmp, caplog)
+    runner = await replay("snap-reactivate", tmp, caplog, mode)
     assert not runner.mismatches, "\n".join(runner.mismatches)
 
 
-async def test_snap_overflow(tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+@MODES
+async def test_snap_overflow(tmp: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
     initial_images("snap-overflow", tmp)
-    runner = await replay("snap-overflow", tmp, caplog)
+    runner = await replay("snap-overflow", tmp, caplog, mode)
     assert not runner.mismatches, "\n".join(runner.mismatches)
     # the stored images are the kernel's bytes after teardown
     for image in ("origin.img", "cow.img"):

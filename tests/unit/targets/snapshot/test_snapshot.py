@@ -36,7 +36,9 @@ class Env:
         self.log: list[Entry] = []  # every bio of every device, in order
         self.devs: dict[str, BlockDevice] = {}
         self.mds: dict[str, MappedDevice] = {}
-        self.config = Config()
+        # the kernel's protocol: every origin write waits for its commits
+        # (held origin writes: test_held.py)
+        self.config = Config(snapshot_hold_bytes=0)
 
     def mem(self, name: str, nr_sectors: int, seed: int | None = None) -> RecordingDevice:
         dev = RecordingDevice(nr_sectors, name, journal=self.log, seed=seed)
@@ -272,7 +274,7 @@ async def test_several_snapshots_per_origin(env: Env) -> None:
 
 
 async def test_throttle(env: Env) -> None:
-    env.config = Config(snapshot_cow_threshold=1)
+    env.config = Config(snapshot_cow_threshold=1, snapshot_hold_bytes=0)
     origin, snap = await origin_env(env)
     before = bytes(await snap.read(0, SIZE))
     target = snap.live.targets[0].snap  # type: ignore[union-attr,attr-defined]
