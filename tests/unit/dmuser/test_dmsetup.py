@@ -194,18 +194,25 @@ class FakeClient:
     def ls(self) -> dict[str, str]:
         return {"a": "/mnt/a", "b": "/mnt/b"}
 
-    def create(self, name: str, table: str | None, *, uuid: str = "") -> str:
-        self.calls.append(("create", name, table, uuid))
+    def create(self, name: str, table: str | None, *, uuid: str = "",
+               read_only: bool = False) -> str:
+        self.calls.append(("create", name, table, uuid) + (("ro",) if read_only else ()))
         return "/mnt/" + name
 
-    def reload(self, name: str, table: str) -> None:
-        self.calls.append(("reload", name, table))
+    def reload(self, name: str, table: str, *, read_only: bool = False) -> None:
+        self.calls.append(("reload", name, table) + (("ro",) if read_only else ()))
 
-    def suspend(self, name: str, *, noflush: bool = False) -> None:
-        self.calls.append(("suspend", name, noflush))
+    def suspend(self, name: str, *, noflush: bool = False, nolockfs: bool = False) -> None:
+        self.calls.append(("suspend", name, noflush) + (("nolockfs",) if nolockfs else ()))
 
-    def remove(self, name: str, *, force: bool = False) -> None:
-        self.calls.append(("remove", name, force))
+    def resume(self, name: str, *, nolockfs: bool = False) -> None:
+        self.calls.append(("resume", name) + (("nolockfs",) if nolockfs else ()))
+
+    def info(self, name: str) -> DeviceInfo:
+        return info(name)
+
+    def remove(self, name: str, *, force: bool = False, deferred: bool = False) -> None:
+        self.calls.append(("remove", name, force) + (("deferred",) if deferred else ()))
         if name == "nosuch":
             raise NoSuchDevice("Device nosuch does not exist.")
         if self.busy:
@@ -246,7 +253,7 @@ def test_device_arguments_and_multi_device_failures() -> None:
     c = FakeClient()
     assert run(["suspend", "--nolockfs", "--noflush", "/dev/mapper/a", "/mnt/b"], c) \
         == (0, "", "")
-    assert c.calls == [("suspend", "a", True), ("suspend", "b", True)]
+    assert c.calls == [("suspend", "a", True, "nolockfs"), ("suspend", "b", True, "nolockfs")]
     assert run(["suspend"], c) == (1, "", "No device specified.\nCommand failed.\n")
     rc, _, err = run(["remove", "nosuch", "a"], c)
     assert rc == 1 and err == (
@@ -272,9 +279,12 @@ def test_remove_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     c = FakeClient()
     c.busy = 3
     assert run(["remove", "--retry", "-f", "a"], c) == (0, "", "")
-    assert c.calls == [("remove", "a", True)] * 4
-    c.busy = 1
+    # --force as dmsetup: an error table of the device's size first, then removes
+    assert c.calls == [("reload", "a", "0 2048 error\n"), ("resume", "a")] + [
+        ("remove", "a", False)] * 4
+    c.busy, c.calls = 1, []
     rc, _, err = run(["remove", "--deferred", "a"], c)
+    assert c.calls == [("remove", "a", False, "deferred")]
     assert rc == 1 and "remove ioctl on a  failed: Device or resource busy\n" in err
 
 
@@ -293,7 +303,9 @@ def test_no_op_and_unsupported_commands() -> None:
         assert run(argv, FakeClient()) == (0, "", "")
     assert run(["rename", "a", "b"], FakeClient()) == (
         1, "", "dmuser: dmsetup rename is not supported\nCommand failed.\n")
-    assert run(["create", "r", "-r", "--table", "0 8 zero"], FakeClient())[0] == 1
+    c = FakeClient()
+    assert run(["create", "r", "-r", "--table", "0 8 zero"], c)[0] == 0
+    assert c.calls == [("create", "r", "0 8 zero", "", "ro")]
     assert run(["create", "--concise", "x,,,,0 8 zero"], FakeClient()) == (
         1, "", "dmuser: --concise is not supported\nCommand failed.\n")
     c = FakeClient()
