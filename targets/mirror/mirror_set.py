@@ -197,11 +197,8 @@ class MirrorSet:
         if not self.running:
             raise DmIOError("mirror: not running")
         region = self.rh.bio_to_region(bio)
-        if bio.is_write:
-            if self.writer.direct_ok(bio, region):
-                await self.writer.write_direct(bio, region)
-            else:
-                await self.inflight.wait(self.inflight.writes, MirrorIo(bio, region))
+        if bio.is_write:  # data, flush, discard
+            await self.writer.write(bio, region)
             return
         if not self.log.in_sync(region):
             if bio.flags & ReqFlag.RAHEAD:

@@ -14,7 +14,13 @@ Guarantees:
   every leg as one dm-io request.
 * **Never half issued.**  A direct write is shielded from cancellation: once
   started, it reaches every leg (or fails there) before the submitter sees
-  ``Cancelled``.
+  ``Cancelled``.  When every leg is a backing file that takes the bio inline
+  (``FileDevice.runs_inline``: a plain write of at most ``inline_max_bytes``),
+  the direct write is one ``pwrite`` per leg with no checkpoint between them
+  (its only checkpoint comes before the region is counted), so nothing can
+  cancel or interleave with it halfway; a failed ``pwrite`` sends the whole
+  write through dm-io, which repeats it on every leg and reports the error the
+  usual way.  This is the 4 KiB random-write fast path (docs/benchmarks.md).
 * **Errors per leg.**  Bit i of dm-io's result fails leg i (WRITE); the bio
   then goes through the daemon's failure list exactly as a daemon-path write.
 * Writes to a NOSYNC region go to the default leg only, writes to a
@@ -29,6 +35,7 @@ import logging
 import trio
 
 from dmuser.core.bio import Bio, Op, ReqFlag
+from dmuser.core.blockdev import FileDevice
 from dmuser.core.errors import DmIOError, NotSupportedError, RequeueError
 from dmuser.core.target import TargetContext
 from dmuser.services.dm_io import BufferMem, DmIoClient, IoRequest, Region, dm_io, dm_io_wait
@@ -38,6 +45,8 @@ from dmuser.targets.mirror.log import DirtyLog
 from dmuser.targets.mirror.region_hash import RegionHash, RegionState, is_flush_or_discard
 
 log = logging.getLogger(__name__)
+
+_IN_SYNC = (RegionState.CLEAN, RegionState.DIRTY)
 
 
 class WritePath:
@@ -62,6 +71,14 @@ class WritePath:
         self.holds: list[MirrorIo] = []
         self._io: DmIoClient | None = None
         self._nursery: trio.Nursery | None = None
+        #: (file, sector delta) per leg when every leg is a backing file: the
+        #: inline direct write (:meth:`write`); None otherwise
+        self._files: list[tuple[FileDevice, int]] | None = None
+        self._policy_max = 0
+        if all(isinstance(leg.dev, FileDevice) for leg in legs):
+            self._files = [(leg.dev, leg.offset - legs.target_begin) for leg in legs
+                           if isinstance(leg.dev, FileDevice)]
+            self._policy_max = min(dev.policy.inline_max_bytes for dev, _ in self._files)
 
     def attach(self, io_client: DmIoClient, nursery: trio.Nursery) -> None:
         """The mirror's service started: write through ``io_client``, run tasks in ``nursery``."""
@@ -136,6 +153,43 @@ class WritePath:
                 self.legs.fail(leg, ErrorType.WRITE)
         self.inflight.queue(self.inflight.failures, io)
 
+    async def write(self, bio: Bio, region: int) -> None:
+        """A write from ``MirrorSet.map`` (data, flush or discard); returns when it
+        completed, raises its error.
+
+        A *direct* write (``direct_ok``) skips the daemon.  It is inline when
+        every leg is a file that runs the bio inline: one checkpoint first (the
+        cancellation point and the policy's periodic yield, before ``direct_ok``
+        is asked), then inc, one ``pwrite`` per leg and dec with nothing in
+        between, so no task sees the region's count raised or a leg half
+        written.  Otherwise (and when a ``pwrite`` failed) it is
+        :meth:`_write_direct`.  Everything else waits for the daemon's pass."""
+        files = self._files
+        data = bio.data
+        if files is not None and not bio.flags and bio.op is Op.WRITE and data is not None \
+                and 0 < len(data) <= self._policy_max:
+            await files[0][0].policy.inline_turn()
+            # direct_ok() for a plain data write (tested above)
+            if self._io is not None and not self.log_failure \
+                    and self.rh.get_state(region) in _IN_SYNC \
+                    and self.log.mark_is_durable(region):
+                sector = bio.sector
+                self.rh.inc(region)  # CLEAN -> DIRTY; the log's bit is already 0
+                try:
+                    for dev, delta in files:
+                        dev.pwrite_inline(sector + delta, data)
+                except OSError:
+                    # repeated through dm-io, which reports it the usual way
+                    await self._write_direct(bio, region)
+                else:
+                    self.rh.dec(region)
+                return
+        elif self.direct_ok(bio, region):
+            self.rh.inc(region)  # CLEAN -> DIRTY; the log's bit is already 0
+            await self._write_direct(bio, region)
+            return
+        await self.inflight.wait(self.inflight.writes, MirrorIo(bio, region))
+
     def direct_ok(self, bio: Bio, region: int) -> bool:
         """May this write skip the daemon (dmuser)?  Yes for a data write without
         PREFLUSH to a CLEAN/DIRTY region whose dirty mark is already durable
@@ -144,22 +198,23 @@ class WritePath:
         return (bio.op is Op.WRITE and bio.nr_sectors > 0 and self._io is not None
                 and not (bio.flags and bio.flags & ReqFlag.PREFLUSH)
                 and not self.log_failure
-                and self.rh.get_state(region) in (RegionState.CLEAN, RegionState.DIRTY)
+                and self.rh.get_state(region) in _IN_SYNC
                 and self.log.mark_is_durable(region))
 
-    async def write_direct(self, bio: Bio, region: int) -> None:
-        """``_do_write`` from the submitter's task: inc, one dm-io write to every
-        leg (shielded: never abandoned half-issued), then completion as
-        :meth:`_write_done` (a failed leg still goes through the daemon)."""
-        assert self._io is not None and bio.data is not None
+    async def _write_direct(self, bio: Bio, region: int) -> None:
+        """``_do_write`` from the submitter's task, the region already inc'ed: one
+        dm-io write to every leg (shielded: never abandoned half-issued), then
+        completion as :meth:`_write_done` (a failed leg still goes through the
+        daemon)."""
+        data = bio.data
+        assert self._io is not None and data is not None
         io = MirrorIo(bio, region)
-        self.rh.inc(region)  # CLEAN -> DIRTY; the log's bit is already 0, nothing to flush
         io.counted = True
         legs = self.legs
         regions = [Region(leg.dev, legs.sector(leg, bio), bio.nr_sectors) for leg in legs]
         flags = bio.flags & ReqFlag.FUA if bio.flags else ReqFlag.NONE
         with trio.CancelScope(shield=True):
-            error_bits = await dm_io_wait(self._io, IoRequest(Op.WRITE, flags, BufferMem(bio.data)),
+            error_bits = await dm_io_wait(self._io, IoRequest(Op.WRITE, flags, BufferMem(data)),
                                           regions)
         if not error_bits:
             self.inflight.complete(io, None)

@@ -269,6 +269,10 @@ class RecordingFileDevice(FileDevice):
         self._note(bio)
         super()._submit_blocking(bio)
 
+    def pwrite_inline(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        self._note(Bio.write(sector, data))
+        super().pwrite_inline(sector, data)
+
     async def submit(self, bio: Bio) -> None:
         if bio.flags or bio.nr_sectors << SECTOR_SHIFT > 1 << 20:
             self._note(bio)  # _submit: noted here, its syscalls follow

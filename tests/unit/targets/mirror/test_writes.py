@@ -196,3 +196,40 @@ async def test_cancelled_direct_write_reaches_every_leg(rig: FileRig) -> None:
     assert a == b
     await rig.close()
 
+
+
+async def test_inline_direct_write_never_yields_between_legs(
+        rig: FileRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On file legs a direct write is one pwrite per leg with no checkpoint
+    between them and no dm-io: a task running at every scheduler step never
+    sees the legs differ, nor the region's write count raised."""
+    import dmuser.targets.mirror.writes as writes
+
+    target = await rig.start("core 2 2048 nosync 2 a 0 b 0")
+    await rig.md.write(0, os.urandom(MiB))
+    rh = target.ms.rh
+
+    async def no_dm_io(*args: object) -> int:
+        raise AssertionError("an inline direct write went through dm-io")
+
+    monkeypatch.setattr(writes, "dm_io_wait", no_dm_io)
+    seen: list[tuple[bool, int]] = []
+    done = False
+
+    async def spy() -> None:
+        while not done:
+            a, b = (rig.paths[n].read_bytes()[:MiB] for n in "ab")
+            reg = rh.regions.get(0)
+            seen.append((a == b, reg.pending if reg is not None else 0))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spy)
+        await trio.lowlevel.checkpoint()  # the spy has run once
+        for i in range(100):  # > IoPolicy.yield_every: the periodic yields happen
+            await rig.md.write(i * 8 % REGION, os.urandom(4096))
+        done = True
+    assert len(seen) > 4  # the writer did yield, before its writes
+    assert all(equal and pending == 0 for equal, pending in seen)
+    assert rig.entries().count(("a", "write")) == 101
+    await rig.close()
