@@ -50,6 +50,12 @@ from dmuser.core.units import MAX_DEVICE_SECTORS, SECTOR_SHIFT, SECTOR_SIZE
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
+#: At most this many FUSE requests are in the handlers at once (``pyfuse3.main``'s
+#: ``max_tasks``; the kernel keeps the others queued).  Each holds at most ~3 MiB
+#: (its task's receive buffer, the payload copy, and for an unaligned write the
+#: merged sectors, for a request of at most 1 MiB), so FUSE requests hold at most
+#: ~144 MiB of the daemon (``docs/io-policy.md``, "Memory").
+MAX_REQUESTS = 48
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 

@@ -28,7 +28,9 @@ The table shows the median over ``--repeat`` runs (the order of the setups
 rotates each repetition), speed ratios against ``raw`` and ``qsd`` (> 1:
 faster; for ``untar`` the inverse ratio of the times) and each serving
 daemon's peak RSS (``VmHWM`` from ``/proc/PID/status``, the largest over the
-run's devices).  ``qsd`` and ``qcow2`` are left out of the default setups when
+run's devices).  A peak RSS over ``--rss-limit`` (default 256 MiB, the bound in
+``docs/io-policy.md``) is flagged on its line and in the table (``!``), and
+makes the run exit with status 1.  ``qsd`` and ``qcow2`` are left out of the default setups when
 qemu-storage-daemon is not installed.  Everything the run makes (mounts, loop
 devices, daemons, files) is removed on exit, also on Ctrl-C and SIGTERM.
 
@@ -79,6 +81,7 @@ bench = targets.bench  # tools/bench, as loaded by bench_targets.py
 MiB = bench.MiB
 BASELINES = ("raw", "qsd")
 WORKLOADS = ("untar", "fsync16")
+RSS_LIMIT_MIB = bench.RSS_LIMIT_MIB  # 256: the bound of docs/io-policy.md, "Memory"
 UNITS = {"untar": "s", "fsync16": "IOPS"}
 
 
@@ -170,15 +173,8 @@ def run(cmd: list[str], what: str, timeout: float = 600) -> subprocess.Completed
     return res
 
 
-def peak_rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def over_limit(kib: int | None, limit_mib: int = RSS_LIMIT_MIB) -> bool:
+    return kib is not None and kib > limit_mib * 1024
 
 
 def unmount(mnt: str) -> None:
@@ -203,8 +199,11 @@ def detach(dev: str) -> None:
 def measure(args: argparse.Namespace, name: str, workload: str, workdir: str, tarball: str,
             tree_bytes: int, python: str) -> dict[str, Any]:
     """A fresh image, ext4, device, loop, mount; the workload; everything undone."""
+    # The daemon attaches no loop device of its own (as root it would by default):
+    # the benchmark attaches one below, with the options 'serve --block-devices' uses.
     ctx = bench.Context(workdir=workdir, raw=os.path.join(workdir, "fs-image.img"),
-                        size=args.image_bytes, python=python, daemon_env={})
+                        size=args.image_bytes, python=python,
+                        daemon_env={"DMUSER_BLOCK_DEVICES": "0"})
     s = SETUPS[name]()
     mnt = os.path.join(workdir, "ext4-mnt")
     with contextlib.ExitStack() as stack:
@@ -217,7 +216,9 @@ def measure(args: argparse.Namespace, name: str, workload: str, workdir: str, ta
         stack.callback(s.stop)
         stack.callback(_teardown, True)
         path = s.start(ctx)
-        dev = run(["losetup", "--find", "--show", path], f"losetup {path}").stdout.strip()
+        dio = args.loop_direct_io == "all" or (args.loop_direct_io == "fuse" and s.pids())
+        dev = run(["losetup", "--find", "--show", f"--direct-io={'on' if dio else 'off'}", path],
+                  f"losetup {path}").stdout.strip()
         stack.callback(detach, dev)
         stack.callback(_teardown, True)
         os.makedirs(mnt, exist_ok=True)
@@ -254,8 +255,7 @@ def measure(args: argparse.Namespace, name: str, workload: str, workdir: str, ta
                    "clat_mean_us": w.get("clat_ns", {}).get("mean", 0) / 1000,
                    "fsyncs": d.get("sync", {}).get("total_ios")}
         out["server_cpu_s"] = bench.cpu_seconds(pids) - cpu0 if pids else None
-        rss = [peak_rss_kib(p) for p in pids]
-        out["peak_rss_kib"] = max((r for r in rss if r), default=None)
+        out["peak_rss_kib"] = bench.peak_rss_kib(pids)
         out["daemon"] = ("dmuser" if isinstance(s, bench.DmuserSetup)
                          else "qemu-storage-daemon" if pids else None)
     return out
@@ -272,7 +272,9 @@ def ratio(med: dict[str, dict[str, float]], n: str, b: str, w: str) -> float | N
 
 
 def print_table(names: list[str], med: dict[str, dict[str, float]],
-                rss: dict[str, int | None]) -> list[tuple[str, str]]:
+                rss: dict[str, int | None], rss_limit: int = RSS_LIMIT_MIB
+                ) -> list[tuple[str, str]]:
+    """The table; a peak RSS over ``rss_limit`` MiB gets a ``!``."""
     cols = [(n, b) for b in BASELINES if b in names for n in names if n not in BASELINES]
     if "qsd" in names and "raw" in names:
         cols.append(("qsd", "raw"))
@@ -288,8 +290,9 @@ def print_table(names: list[str], med: dict[str, dict[str, float]],
             x = ratio(med, n, b, w)
             row.append("-" if x is None else f"{x:.2f}")
         rows.append(row)
-    rows.append(["peak-rss", "MiB", *[f"{rss[n] / 1024:.0f}" if rss.get(n) else "-"
-                                      for n in names], *["" for _ in cols]])
+    peaks = [f"{kib / 1024:.0f}" + ("!" if over_limit(kib, rss_limit) else "") if kib else "-"
+             for kib in (rss.get(n) for n in names)]
+    rows.append(["peak-rss", "MiB", *peaks, *["" for _ in cols]])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, ["-" * x for x in widths], *rows]:
         print("  ".join(c.ljust(x) if i < 2 else c.rjust(x)
@@ -334,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="work directory (default: a new one under /var/tmp)")
     p.add_argument("--python", help="interpreter that runs the dmuser daemon")
     p.add_argument("--json", metavar="FILE", help="save all results to FILE")
+    p.add_argument("--loop-direct-io", choices=("fuse", "all", "off"), default="fuse",
+                   help="loop devices with --direct-io=on: over the FUSE-served setups "
+                   "(dmuser, qsd; as 'dmuser serve --block-devices' attaches them), over "
+                   "all, or none (default fuse)")
+    p.add_argument("--rss-limit", type=int, default=RSS_LIMIT_MIB, metavar="MIB",
+                   help=f"flag a daemon whose peak RSS exceeds this and exit 1 (default "
+                   f"{RSS_LIMIT_MIB})")
     args = p.parse_args(argv)
     q = args.quick
     args.image_bytes = bench.parse_size(args.image_size or ("128M" if q else "768M"))
@@ -383,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                     samples[n].setdefault(w, []).append(r)
                     rss = f"  peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB" \
                         if r["peak_rss_kib"] else ""
+                    if over_limit(r["peak_rss_kib"], args.rss_limit):
+                        rss += f" OVER THE {args.rss_limit} MiB BOUND"
                     val = f"{r['value']:.2f} s" if UNITS[w] == "s" else f"{r['value']:.0f} IOPS"
                     print(f"bench fs: [{rep + 1}/{args.repeat}] {n:>11} {w:<8} {val:>10}{rss}",
                           file=sys.stderr, flush=True)
@@ -405,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     rss = {n: max((r["peak_rss_kib"] for rs in samples[n].values() for r in rs
                    if r["peak_rss_kib"]), default=None) for n in names}
     print()
-    cols = print_table(names, med, rss)
+    cols = print_table(names, med, rss, args.rss_limit)
+    over = [n for n in names if over_limit(rss[n], args.rss_limit)]
+    if over:
+        print(f"\nbench fs: peak RSS over the {args.rss_limit} MiB bound: "
+              + ", ".join(f"{n} ({rss[n] / 1024:.0f} MiB)" for n in over if rss[n]))
     if args.json:
         report = {
             "version": 1, "what": "fs",
@@ -417,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                      "filesystem": bench.fs_type(workdir),
                      "loadavg_before": load_before, "loadavg_after": bench.loadavg()},
             "params": {"image_size": args.image_bytes, "files": args.files,
+                       "loop_direct_io": args.loop_direct_io,
                        "tree_bytes": tree_bytes, "fio_size": args.fio_bytes,
                        "runtime": args.runtime, "repeat": args.repeat, "quick": q},
             "setups": names, "workloads": workloads, "units": UNITS,
@@ -424,12 +441,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": {f"{n}/{b}": {w: ratio(med, n, b, w) for w in workloads}
                        for n, b in cols},
             "peak_rss_kib": rss,
+            "rss_limit_mib": args.rss_limit, "rss_over_limit": over,
             "samples": samples,
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    return 0
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ not installed by the test command, so the qsd setup is left out here.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -45,6 +48,10 @@ def test_bench_runs_and_cleans_up(tmp_path: Path) -> None:
     for setup in ("linear", "floor"):
         for sample in saved["samples"][setup]["rand-read-4k"]:
             assert sample["server_cpu_us_per_io"] > 0  # the serving process was measured
+        assert saved["peak_rss_kib"][setup] > 0
+    assert "raw" not in saved["peak_rss_kib"]  # no serving process
+    assert saved["rss_limit_mib"] == 256 and saved["rss_over_limit"] == []  # the bound held
+    assert "peak RSS (MiB): linear" in res.stdout
     # In a directory given with --dir only the logs stay: no backing file,
     # mountpoint or socket.
     left = sorted(p.name for p in work.iterdir())
@@ -104,6 +111,7 @@ def test_bench_fs_quick_runs_and_cleans_up(tmp_path: Path) -> None:
     assert saved["setups"] == ["raw", "linear"]
     assert set(saved["median"]["linear"]) == {"untar", "fsync16"}
     assert saved["peak_rss_kib"]["linear"] > 0 and saved["peak_rss_kib"]["raw"] is None
+    assert saved["rss_limit_mib"] == 256 and saved["rss_over_limit"] == []  # the bound held
     assert saved["ratios"]["linear/raw"]["fsync16"] > 0
     for sample in saved["samples"]["linear"]["fsync16"]:
         assert sample["ios"] > 0 and sample["fsyncs"]
@@ -115,3 +123,24 @@ def test_bench_fs_quick_runs_and_cleans_up(tmp_path: Path) -> None:
     assert loops_under(tmp_path) == []
     ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", f"processes left: {ps.stdout}"
+
+
+def test_bench_fs_flags_a_daemon_over_the_rss_bound() -> None:
+    """A peak RSS over ``--rss-limit`` gets a ``!`` in the table (the run then exits 1)."""
+    spec = importlib.util.spec_from_file_location("bench_fs_under_test",
+                                                  REPO / "tools" / "bench_fs.py")
+    assert spec is not None and spec.loader is not None
+    bench_fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_fs)
+    assert bench_fs.RSS_LIMIT_MIB == 256
+    assert bench_fs.over_limit(257 * 1024) and not bench_fs.over_limit(256 * 1024)
+    assert not bench_fs.over_limit(None)
+    med = {"raw": {"untar": 1.0, "fsync16": 100.0}, "linear": {"untar": 2.0, "fsync16": 50.0},
+           "mirror-core": {"untar": 3.0, "fsync16": 40.0}}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench_fs.print_table(["raw", "linear", "mirror-core"], med,
+                             {"raw": None, "linear": 40 * 1024, "mirror-core": 300 * 1024})
+    rss = next(line.split() for line in out.getvalue().splitlines()
+               if line.startswith("peak-rss"))
+    assert rss[2:5] == ["-", "40", "300!"]
