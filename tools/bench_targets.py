@@ -20,7 +20,9 @@ Builds on ``tools/bench`` (loaded as a module: its helpers, its ``raw``,
     (4 KiB random: one write per 64 KiB slot, in a random order replayed from
     an fio iolog; 1 MiB sequential: the whole area once); *rewrite*: the very
     same writes again.  Size-bound runs (no wrap-around).  ``origin-64k-n`` is
-    ``origin-64k`` with a transient (N) store; ``--jobs`` picks jobs;
+    ``origin-64k`` with a transient (N) store, ``origin-64k-sync`` the same with
+    held origin writes off (``--snapshot-hold-bytes 0``, the kernel's commit
+    per first write), for a side-by-side before/after; ``--jobs`` picks jobs;
     ``--iodepth N`` runs the 4 KiB job with libaio at depth N.
 
 ``resync``
@@ -141,6 +143,21 @@ class Origin4k(_Snap):
 class Origin64k(_Snap):
     description = "snapshot-origin with one persistent snapshot, 64 KiB chunks"
     chunk = 128
+
+
+@bench.setup("origin-64k-sync")
+class Origin64kSync(_Snap):
+    description = ("origin-64k with --snapshot-hold-bytes 0: every first write waits for its "
+                   "commit, the kernel's protocol (what origin-64k did before held writes)")
+    chunk = 128
+
+    def start(self, ctx: Any) -> str:
+        saved = ctx.daemon_env
+        ctx.daemon_env = {**saved, "DMUSER_SNAPSHOT_HOLD_BYTES": "0"}
+        try:
+            return str(super().start(ctx))
+        finally:
+            ctx.daemon_env = saved
 
 
 @bench.setup("origin-64k-n")
