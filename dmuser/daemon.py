@@ -40,8 +40,9 @@ from dmuser import client
 from dmuser.control import dispatch
 from dmuser.core.config import Config
 from dmuser.core.errors import DmError
-from dmuser.core.loopdev import MAPPER_DIR, LoopDevices, cleanup_stale
+from dmuser.core.loopdev import LoopDevices, cleanup_stale
 from dmuser.core.manager import DeviceManager
+from dmuser.core.mapper_links import MAPPER_DIR
 from dmuser.core.target import TargetRegistry
 from dmuser.fuse_ops import MAX_REQUESTS, DeviceFS
 from dmuser.nbd_server import NbdServer

@@ -109,8 +109,9 @@ class BlockDevice:
 
     Attributes:
         status_name: how ``table``/``status`` print the device: ``MAJ:MIN`` for a real
-            block device, the absolute path for a regular file, the device's
-            path on the mount for another dmuser device.
+            block device, the absolute path for a regular file; for another dmuser
+            device its block device's ``MAJ:MIN`` when it has one (``loopdev.py``),
+            else its path on the mount.
     """
 
     status_name: str

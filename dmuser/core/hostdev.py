@@ -2,7 +2,9 @@
 
 ``loopdev.py`` uses these to make a dmuser device behave like a kernel dm device
 on its block device: BLKROSET for read-only tables, FIFREEZE/FITHAW around a
-suspend (the dm core's lock_fs), and the kernel-style open count from ``/proc``.
+suspend (the dm core's lock_fs), the kernel-style open count from ``/proc`` and
+whether udev has a device open (``udev_quiet.py``); ``manager.py`` finds the
+node of a ``MAJ:MIN`` table word here.
 
 They are control calls, not the data path: ``blockdev.py`` stays the one module
 that moves a bio's bytes.  Every function here may block; the callers run them in
@@ -19,6 +21,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterable, Iterator
 
 _BLKROSET = 0x125D
 _FIFREEZE = 0xC0045877
@@ -33,6 +36,22 @@ def set_read_only(dev: str, read_only: bool) -> None:
         fcntl.ioctl(fd, _BLKROSET, struct.pack("i", int(read_only)))
     finally:
         os.close(fd)
+
+
+def block_device_node(maj_min: str) -> str | None:
+    """The /dev node of block device ``MAJ:MIN`` (udev's link, else sysfs's DEVNAME),
+    or None if there is no such block device."""
+    link = f"/dev/block/{maj_min}"
+    if os.path.exists(link):
+        return link
+    try:
+        with open(f"/sys/dev/block/{maj_min}/uevent") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return "/dev/" + line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _unescape(field: str) -> str:
@@ -55,6 +74,19 @@ def mountpoints_of(devno: str, dev: str = "") -> list[str]:
             if fields[2] == devno or (dev and source.startswith("/dev/")
                                       and os.path.realpath(source) == dev):
                 found.append(_unescape(fields[4]))
+    return found
+
+
+def fuse_mountpoints() -> set[str]:
+    """The mount points of every FUSE file system (``/proc/self/mountinfo``)."""
+    found = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[5:]:
+                rest = fields[fields.index("-", 5) + 1:]
+                if rest and rest[0].startswith("fuse"):
+                    found.add(_unescape(fields[4]))
     return found
 
 
@@ -88,16 +120,9 @@ def thaw_fs(mountpoint: str) -> None:
             raise
 
 
-def openers(devnos: list[str]) -> dict[str, int]:
-    """How many times each block device ``MAJ:MIN`` is open, as the kernel's open
-    count of a dm device would count it: one per file descriptor of any process
-    (``/proc/*/fd``), one if a file system is mounted on it, one per holder
-    (another block device stacked on it, ``/sys/dev/block/MAJ:MIN/holders``)."""
-    wanted = {os.makedev(*map(int, d.split(":"))): d for d in devnos}
-    counts = dict.fromkeys(devnos, 0)
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _block_fds(pids: Iterable[str]) -> Iterator[tuple[str, int]]:
+    """(pid, ``st_rdev``) for each file descriptor of ``pids`` open on a block device."""
+    for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -107,8 +132,39 @@ def openers(devnos: list[str]) -> dict[str, int]:
                 st = os.stat(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted:
-                counts[wanted[st.st_rdev]] += 1
+            if stat.S_ISBLK(st.st_mode):
+                yield pid, st.st_rdev
+
+
+def _devno(devno: str) -> int:
+    return os.makedev(*map(int, devno.split(":")))
+
+
+def udev_has_open(devno: str) -> bool:
+    """True if a udev process (``systemd-udevd`` or one of its workers, which hold
+    the device open for the whole of an event's rules) has ``MAJ:MIN`` open."""
+    def is_udev(pid: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return "udev" in f.read()
+        except OSError:
+            return False
+
+    rdev = _devno(devno)
+    udev = (pid for pid in os.listdir("/proc") if pid.isdigit() and is_udev(pid))
+    return any(r == rdev for _, r in _block_fds(udev))
+
+
+def openers(devnos: list[str]) -> dict[str, int]:
+    """How many times each block device ``MAJ:MIN`` is open, as the kernel's open
+    count of a dm device would count it: one per file descriptor of any process
+    (``/proc/*/fd``), one if a file system is mounted on it, one per holder
+    (another block device stacked on it, ``/sys/dev/block/MAJ:MIN/holders``)."""
+    wanted = {_devno(d): d for d in devnos}
+    counts = dict.fromkeys(devnos, 0)
+    for _, rdev in _block_fds(pid for pid in os.listdir("/proc") if pid.isdigit()):
+        if rdev in wanted:
+            counts[wanted[rdev]] += 1
     for devno in devnos:
         if mountpoints_of(devno, os.path.realpath(f"/dev/block/{devno}")):
             counts[devno] += 1

@@ -7,6 +7,9 @@ device is ``../dm-N``).  Guarantees:
 * the loop device and the link are made when the device first has a live
   table and kept for its life; a table swap that changes the size updates the
   loop device's capacity (``losetup -c``);
+* while it has one, tables stacked on the device print it as ``MAJ:MIN`` of
+  its loop device (``status_name``), as the kernel prints every device of a
+  table (``format_dev_t``), so ``dmsetup table`` output loads back;
 * the loop device is read-only (BLKROSET) exactly while the device's live
   table is (``--readonly``), so writes to it fail with EPERM and ``mount``
   falls back to read-only, as on a kernel dm device;
@@ -23,9 +26,13 @@ device is ``../dm-N``).  Guarantees:
   child process awaited with ``trio.run_process``, the ``O_EXCL`` probe runs
   in a worker thread.  The loop driver's I/O goes through the daemon's own
   FUSE file, so the trio loop must keep serving while the kernel works;
+* a suspend keeps udev from probing the loop device until the resume
+  (:meth:`LoopDevices.suspending`, ``udev_quiet.py``), as the kernel's udev
+  rules skip suspended dm devices: a plain ``remove`` of a suspended device
+  is not held up by a probe stuck on it;
 * :func:`cleanup_stale` (run at start, before the stale mount is unmounted)
-  detaches the loop devices a killed daemon left on its dead mount and
-  removes the links to them.
+  detaches the loop devices a killed daemon left on its dead mount, removes
+  the links to them and its udev rule.
 
 The daemon itself never does I/O through these loop devices: the manager
 resolves ``/dev/mapper/NAME``, ``/dev/loopN`` and ``MAJ:MIN`` of one of them
@@ -34,6 +41,7 @@ to the mapped device in process (``manager.py``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import logging
@@ -51,16 +59,19 @@ from dmuser.core.hostdev import (
     thaw_fs,
 )
 from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.mapper_links import (
+    MAPPER_DIR,
+    backing_file,
+    link_path,
+    loop_of_link,
+    make_link,
+)
+from dmuser.core.udev_quiet import UdevQuiet, remove_stale
 
 log = logging.getLogger(__name__)
 
-MAPPER_DIR = "/dev/mapper"
 #: how long the O_EXCL probe retries EBUSY (udev's blkid probe opens new devices briefly)
 BUSY_RETRY_SECONDS = 1.0
-
-
-def link_path(name: str) -> str:
-    return os.path.join(MAPPER_DIR, name)
 
 
 async def _losetup(*args: str) -> str:
@@ -85,22 +96,25 @@ class LoopDevices:
         self._read_only: dict[str, bool] = {}
         #: device name -> the mount points this daemon froze (thawed at resume)
         self._frozen: dict[str, list[str]] = {}
+        #: keeps udev from probing the loop devices of suspended devices
+        self.udev = UdevQuiet(mountpoint)
 
     async def attach(self, md: MappedDevice) -> None:
         """Give ``md`` (in the namespace, with a live table) its loop device and link."""
         link = link_path(md.name)
         if os.path.lexists(link):
             raise DeviceExistsError(f"{link} already exists (a kernel dm device of that name?)")
+        await self.udev.install()
         dev = await _losetup("--find", "--show", "--direct-io=on", md.path)
         try:
-            os.makedirs(MAPPER_DIR, exist_ok=True)
-            os.symlink("../" + os.path.basename(dev), link)
+            make_link(md.name, dev)
         except OSError as exc:
             await _losetup("-d", dev)
             raise DmError(f"{link}: {exc.strerror}", exc.errno or errno.EIO) from None
         rdev = os.stat(dev).st_rdev
         md.block_device = dev
         md.block_devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+        md.status_name = md.block_devno  # tables over it print it as the kernel: MAJ:MIN
         self._sectors[md.name] = md.nr_sectors
         self._read_only[md.name] = False
         log.info("%s: block device %s (%s), %s", md.name, dev, md.block_devno, link)
@@ -122,6 +136,25 @@ class LoopDevices:
                 raise DmError(f"{md.block_device}: cannot set read-only: {exc.strerror}",
                               exc.errno or errno.EIO) from None
             self._read_only[md.name] = md.read_only
+
+    async def suspending(self, md: MappedDevice, lockfs: bool) -> None:
+        """Before ``md``'s suspend closes the door: keep udev off its loop device
+        (``udev_quiet.py``), then, with ``lockfs``, :meth:`freeze`."""
+        if md.block_device:
+            await self.udev.quiet(md.block_device, md.block_devno)
+        if lockfs:
+            await self.freeze(md)
+
+    async def resumed(self, md: MappedDevice) -> None:
+        """After ``md``'s door opened again: undo :meth:`suspending` (thaw, then let
+        udev probe the loop device again)."""
+        await self.thaw(md)
+        if md.block_device:
+            self.udev.unquiet(md.block_device)
+
+    async def close(self) -> None:
+        """At shutdown, after every loop device is detached: remove the udev rule."""
+        await self.udev.close()
 
     async def freeze(self, md: MappedDevice) -> None:
         """FIFREEZE every file system mounted on ``md``'s block device (none: nothing).
@@ -193,16 +226,16 @@ class LoopDevices:
         if not md.block_device:
             return
         dev, link = md.block_device, link_path(md.name)
-        try:
-            if os.readlink(link) == "../" + os.path.basename(dev):
+        if loop_of_link(link) == os.path.basename(dev):
+            with contextlib.suppress(OSError):
                 os.unlink(link)
-        except OSError:
-            pass
         try:
             await _losetup("-d", dev)
         except DmError as exc:
             log.error("%s: %s", md.name, exc)
+        self.udev.unquiet(dev)
         md.block_device = md.block_devno = ""
+        md.status_name = md.path or md.name
         self._sectors.pop(md.name, None)
         self._read_only.pop(md.name, None)
 
@@ -212,16 +245,14 @@ def cleanup_stale(mountpoint: str) -> list[str]:
     daemon) and remove /dev/mapper links to them or to unattached loop devices.
     Returns the loop devices detached.  Blocking: call before the trio loop runs."""
     prefix = os.path.abspath(mountpoint).rstrip("/") + "/"
+    remove_stale(mountpoint)
     detached = []
     for entry in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
-        try:
-            with open(entry) as f:
-                backing = f.read().strip()
-        except OSError:
+        loop = entry.split("/")[3]
+        backing = backing_file(loop)
+        if backing is None or not backing.startswith(prefix):
             continue
-        if not backing.startswith(prefix):
-            continue
-        dev = "/dev/" + entry.split("/")[3]
+        dev = "/dev/" + loop
         res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
         if res.returncode == 0:
             log.warning("detached %s, left on %s by a dead daemon", dev, backing)
@@ -229,13 +260,10 @@ def cleanup_stale(mountpoint: str) -> list[str]:
         else:
             log.error("cannot detach stale %s (%s): %s", dev, backing, res.stderr.strip())
     for link in glob.glob(os.path.join(MAPPER_DIR, "*")):
-        if not os.path.islink(link):
+        target = loop_of_link(link)
+        if target is None:
             continue
-        target = os.readlink(link)
-        loop = os.path.basename(target)
-        if not (target.startswith("../loop") and loop[4:].isdigit()):
-            continue
-        if "/dev/" + loop in detached or not os.path.exists(f"/sys/block/{loop}/loop"):
-            log.warning("removing stale link %s -> %s", link, target)
+        if "/dev/" + target in detached or not os.path.exists(f"/sys/block/{target}/loop"):
+            log.warning("removing stale link %s -> ../%s", link, target)
             os.unlink(link)
     return detached

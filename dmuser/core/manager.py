@@ -46,8 +46,10 @@ from dmuser.core.errors import (
     NoSuchDeviceError,
     TableError,
 )
-from dmuser.core.loopdev import MAPPER_DIR, LoopDevices
+from dmuser.core.hostdev import block_device_node
+from dmuser.core.loopdev import LoopDevices
 from dmuser.core.mapped_device import DeviceInfo, MappedDevice
+from dmuser.core.mapper_links import MAPPER_DIR
 from dmuser.core.nbd_device import NbdDevice
 from dmuser.core.nbd_wire import is_nbd_uri, parse_uri
 from dmuser.core.table import Table, TargetServices, parse_table
@@ -67,21 +69,6 @@ def check_name(name: str) -> None:
             or "\0" in name or not name.isprintable():
         raise TableError(f"invalid device name {name!r}: use 1-{MAX_NAME_LEN} printable "
                          "characters, no '/'")
-
-
-def _block_device_path(maj_min: str) -> str:
-    """The /dev node of block device ``MAJ:MIN`` (udev's link, else sysfs's DEVNAME)."""
-    link = f"/dev/block/{maj_min}"
-    if os.path.exists(link):
-        return link
-    try:
-        with open(f"/sys/dev/block/{maj_min}/uevent") as f:
-            for line in f:
-                if line.startswith("DEVNAME="):
-                    return "/dev/" + line.split("=", 1)[1].strip()
-    except OSError:
-        pass
-    raise NoSuchDeviceError(f"no block device {maj_min}")
 
 
 class DeviceManager:
@@ -158,7 +145,10 @@ class DeviceManager:
                     dev = self._lookup_mapped(own.name, for_device)
                     dev.holders += 1
                     return dev
-                return self._open_backing(_block_device_path(word))
+                node = block_device_node(word)
+                if node is None:
+                    raise NoSuchDeviceError(f"no block device {word}")
+                return self._open_backing(node)
             if "/" not in word and word in self.devices:
                 dev = self._lookup_mapped(word, for_device)
             else:
@@ -292,16 +282,17 @@ class DeviceManager:
 
     async def suspend(self, md: MappedDevice, noflush: bool = False,
                       nolockfs: bool = False) -> None:
-        """``dmsetup suspend``: unless ``nolockfs``, first freeze the file system
-        mounted on ``md``'s block device (it writes back through the device, so
-        before the door closes), then :meth:`MappedDevice.suspend`."""
-        if self.loops is not None and not nolockfs and not md.suspended:
-            await self.loops.freeze(md)
+        """``dmsetup suspend``: first keep udev off ``md``'s block device and, unless
+        ``nolockfs``, freeze the file system mounted on it (it writes back through
+        the device, so before the door closes), then :meth:`MappedDevice.suspend`."""
+        loops = self.loops if not md.suspended else None
+        if loops is not None:
+            await loops.suspending(md, lockfs=not nolockfs)
         try:
             await md.suspend(noflush)
         except BaseException:
-            if self.loops is not None:
-                await self.loops.thaw(md)
+            if loops is not None:
+                await loops.resumed(md)
             raise
 
     async def resume(self, md: MappedDevice, nolockfs: bool = False) -> None:
@@ -313,7 +304,7 @@ class DeviceManager:
         await md.resume()
         if self.loops is not None:
             await self.sync_block_device(md)
-            await self.loops.thaw(md)
+            await self.loops.resumed(md)
 
     async def sync_block_device(self, md: MappedDevice) -> None:
         """After a resume: give ``md`` its block device on its first live table, or
@@ -402,6 +393,8 @@ class DeviceManager:
         """Detach the block devices, then resume, suspend and flush every device,
         top-down (``shutdown.py``)."""
         await shutdown.detach_all(self)
+        if self.loops is not None:
+            await self.loops.close()
         await shutdown.quiesce_all(self)
 
     async def remove_all(self) -> None:

@@ -227,13 +227,15 @@ def dm_line(line: str) -> str:
 
 
 def device_words(lines: Sequence[str]) -> list[str]:
-    """The words of table lines that name devices: absolute paths and ``MAJ:MIN``."""
+    """The words of table lines that name devices (absolute paths and ``MAJ:MIN``), in
+    the kernel's order: the last one first seen comes first, as ``dm_get_device``
+    adds each new device at the head of the table's list (tests/vectors/dm-table-devno)."""
     found: list[str] = []
     for line in lines:
         for word in split_line(line)[3].split():
             if (word.startswith("/") or _MAJ_MIN.match(word)) and word not in found:
                 found.append(word)
-    return found
+    return found[::-1]
 
 
 def deps_line(words: Sequence[str], prefix: str = "") -> str:

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from dmuser import __version__
 from dmuser.client import Client
+from dmuser.core import mapper_links
 from dmuser.dmsetup import report
 from dmuser.dmsetup.options import Options
 from dmuser.dmsetup.report import Row
@@ -30,7 +31,7 @@ DRIVER_VERSION = "4.47.0"
 RETRIES, RETRY_PAUSE = 25, 0.2
 NOT_SUPPORTED = {"rename", "wipe_table", "measure", "stats", "mangle", "setgeometry",
                  "splitname", "udevcreatecookie", "udevreleasecookie", "udevflags"}
-NO_OPS = {"mknodes", "udevcomplete", "udevcomplete_all", "udevcookies"}
+NO_OPS = {"udevcomplete", "udevcomplete_all", "udevcookies"}
 
 
 class Failed(Exception):
@@ -340,7 +341,10 @@ class Runner:
             return [Row(i) for i in infos]
         tables = self._lines("table", [])
         mnt = self.mountpoint().rstrip("/") + "/"
-        used = {n: [w[len(mnt):] for w in report.device_words(lines) if w.startswith(mnt)]
+        # a mapped device is named by its file, or by its block device's MAJ:MIN
+        names = {i.block_devno: i.name for i in self.c.info_all() if i.block_devno}
+        names |= {mnt + n: n for n in tables}
+        used = {n: [names[w] for w in report.device_words(lines) if w in names]
                 for n, lines in tables.items()}
         return [Row(i, tuple(used.get(i.name, [])),
                     tuple(n for n, u in used.items() if i.name in u),
@@ -387,11 +391,19 @@ class Runner:
             self.write(report.NO_DEVICES)
             return
         prefix = len(tables) > 1 or not names
-        # a device stacked on a mapped device with a block device: its MAJ:MIN
-        devnos = {i.path: i.block_devno for i in self.c.info_all() if i.block_devno}
-        for name, lines in tables.items():
-            self.write(report.deps_line([devnos.get(w, w) for w in report.device_words(lines)],
+        for name, lines in tables.items():  # a stacked device's table names its MAJ:MIN
+            self.write(report.deps_line(report.device_words(lines),
                                         f"{name}: " if prefix else ""))
+
+    def cmd_mknodes(self) -> None:
+        """Make the /dev/mapper links of the named (else every) device right, as dmsetup
+        its nodes; nothing without root, where no device has a block device."""
+        if os.geteuid() == 0:
+            live = {i.name: i.block_device for i in self.c.info_all() if i.block_device}
+            try:
+                mapper_links.mknodes(self.mountpoint(), live, self.opts.operands or None)
+            except OSError as exc:
+                raise Failed(f"{exc.filename}: {exc.strerror}") from None
 
     def cmd_targets(self) -> None:
         self.write(report.targets_text(self.c.targets()))

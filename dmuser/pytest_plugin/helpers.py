@@ -102,9 +102,7 @@ class Snap:
                      f"0 {n} snapshot-merge {self.image} {self.cow} P {self.chunk}")
         finally:
             c.resume(self.origin.name)
-        # force: the snapshot stays suspended, and as root a reader of its loop device
-        # (udev's probe) waits on it and holds it open; it is gone to the user anyway
-        self.device.devices.remove(self.device, force=True)
+        self.device.devices.remove(self.device)  # suspended: udev does not probe it
         self.merging = True
         if wait:
             self.wait_merged(timeout)

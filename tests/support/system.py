@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 RUNS_DIR = ".dmuser-test-runs"
@@ -290,3 +290,32 @@ def fds_open_on(path: os.PathLike[str] | str) -> int:
         except OSError:
             pass
     return n
+
+
+UDEVD = "/lib/systemd/systemd-udevd"
+
+
+@contextlib.contextmanager
+def udevd_running() -> Iterator[None]:
+    """A udev daemon for the block: the one that runs, else one started here (as
+    ``tools/fstests`` does; a microVM often boots without one) and stopped after.
+    Raises RuntimeError if none runs and none can start."""
+    def running() -> bool:
+        return subprocess.run(["pgrep", "-x", "systemd-udevd"],
+                              capture_output=True).returncode == 0
+    if running():
+        yield
+        return
+    if not os.access(UDEVD, os.X_OK):
+        raise RuntimeError(f"no udev daemon runs and {UDEVD} is missing (install udev)")
+    subprocess.run([UDEVD, "--daemon"], check=True, timeout=30,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = subprocess.run(["pgrep", "-n", "-x", "systemd-udevd"], capture_output=True,
+                          text=True).stdout.split()
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+        wait_until(lambda: not running(), 10)

@@ -171,8 +171,8 @@ def test_lines_ls_deps_targets() -> None:
     assert report.ls_line("a", "/run/dmuser/a") == "a\t(/run/dmuser/a)\n"
     words = report.device_words(["0 8 mirror core 1 16 2 /x.img 0 8:16 0",
                                  "8 8 linear /x.img 8"])
-    assert words == ["/x.img", "8:16"]
-    assert report.deps_line(words, "m: ") == "m: 2 dependencies\t: (/x.img) (8, 16)\n"
+    assert words == ["8:16", "/x.img"]  # the kernel's order: the last new one first
+    assert report.deps_line(words, "m: ") == "m: 2 dependencies\t: (8, 16) (/x.img)\n"
     assert report.deps_line([]) == "0 dependencies\t:\n"
     assert report.targets_text({"linear": (1, 4, 0), "snapshot-origin": (1, 9, 0)}) == (
         "linear           v1.4.0\nsnapshot-origin  v1.9.0\n")
