@@ -200,6 +200,22 @@ async def test_without_write_seq_writes_complete_out_of_order(
     assert order != sorted(order)  # the WRITE_SEQ test below would notice a regression
 
 
+async def test_split_job_calls_back_once_after_every_slice_with_errors_merged(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The master's callback waits for all sub-jobs (slices finish out of order here)."""
+    src, d0, d1 = source(BIG, delay=_slow_early_reads), filled(BIG), filled(BIG, name="d1")
+    d1.fail_sectors.add(7 * 1024)  # slice 7 on dest 1, which finishes before slices 0..6
+    seen: list[tuple[bool, int, int, int]] = []
+
+    def callback(read_err: bool, write_err: int, _context: Any) -> None:
+        seen.append((read_err, write_err, len(d0.done), len(d1.done)))
+
+    async with KcopydClient(nr_pages=10 * 128, split_count=10) as kc:
+        kc.copy(Region(src, 0, BIG), [Region(d0, 0, BIG), Region(d1, 0, BIG)], IGN, callback)
+    assert seen == [(False, 0b10, 10, 9)]  # once, every write done, bit 1 only
+    assert sectors(d0, 0, BIG) == sectors(src, 0, BIG)
+
+
 async def test_write_seq_writes_in_ascending_order_one_at_a_time(
         autojump_clock: trio.abc.Clock) -> None:
     src, dst = source(BIG, delay=_slow_early_reads), filled(BIG)
