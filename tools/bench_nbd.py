@@ -19,10 +19,17 @@ table shows the median of ``--repeat``, at least 3):
 Beside the speed, the CPU time (user + system) each server spent per GB moved
 (``/proc/PID/stat``): less sensitive to a loaded machine than the speed.
 
-Then the remote resync: a dmuser ``mirror`` (core log, 512 KiB regions) whose
-second leg is the qemu-nbd export (``nbd+unix://``), timed from ``create`` to
-every region in sync, beside ``nbdcopy --flush`` of the same bytes to the same
-export.  MB/s is 10^6 bytes per second.  Everything the run starts is stopped
+Then the remote resync: a dmuser ``mirror`` (core log, 512 KiB regions, every
+region out of sync at creation) from the source file onto a second leg that is
+the qemu-nbd export (``nbd+unix://``), beside ``nbdcopy`` of the same file to the
+same export.  Both sides are timed alike: from the request (the ``create``
+control request, sent in process through :class:`dmuser.Client`; the start of
+the nbdcopy process) to the last byte acknowledged (the mirror's table event
+"every region in sync", awaited with the daemon's ``wait`` verb; nbdcopy's
+exit).  Both include opening the source and connecting to the export; neither
+flushes the export (the resync does not, so nbdcopy runs without
+``--flush``); the leg is written back, untimed, after every run.  MB/s is
+10^6 bytes per second.  Everything the run starts is stopped
 on exit, also on Ctrl-C; the work directory is removed unless ``--keep``.
 
 Usage::
@@ -46,6 +53,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from dmuser import Client, DmuserError
+from dmuser.status import MirrorStatus
 
 MiB = 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,10 +169,38 @@ def rotate(order: list[str], rep: int) -> list[str]:
     return order[k:] + order[:k]
 
 
-def in_sync(srv: Servers, name: str) -> bool:
-    words = srv.dmuser("status", name).stdout.split()
-    done, _, total = words[6].partition("/")
-    return done == total
+def time_resync(client: Client, table: str, timeout: float) -> float:
+    """Seconds from the ``create`` request of mirror ``m`` to every region in sync.
+
+    The mirror raises a table event when its last region is in sync; ``wait``
+    returns on it.  The event number is read before each status check, so an
+    event between the two is not missed; an event for something else (a leg
+    failing) only makes the loop look again.  ``m`` is left for the caller to
+    remove.
+    """
+    t0 = time.perf_counter()
+    client.create("m", table)
+    deadline = t0 + timeout
+    while True:
+        event_nr = client.info("m").event_nr
+        st = client.status("m")[0]
+        if not isinstance(st, MirrorStatus):
+            raise BenchError(f"m is not a mirror: {st}")
+        if st.in_sync:
+            return time.perf_counter() - t0
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise BenchError(f"the resync did not finish within {timeout:.0f} s")
+        client.wait("m", event_nr, timeout=left)
+
+
+def write_back(path: str) -> None:
+    """fdatasync ``path``: the next run starts without the last one's dirty pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
@@ -209,17 +247,20 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         qleg = os.path.join(workdir, "q-leg.sock")
         srv.start_qemu_nbd(leg1, qleg, read_only=False)
         leg_uri = f"nbd+unix:///vol?socket={qleg}"
+        client = Client(srv.sock, timeout=60)
+        table = f"0 {size // 512} mirror core 1 1024 2 {src} 0 {leg_uri} 0"
+        warm(src)
         for rep in range(args.repeat):
             for how in rotate(["dmuser-resync", "nbdcopy"], rep):
                 if how == "nbdcopy":
-                    secs = timed("nbdcopy", "-C", "1", "--flush", src, leg_uri)
+                    secs = timed("nbdcopy", "-C", "1", src, leg_uri)
                 else:
-                    t0 = time.perf_counter()
-                    srv.dmuser("create", "m", "--table", f"0 {size // 512} mirror core 1 1024 "
-                               f"2 {src} 0 {leg_uri} 0")
-                    wait_for(lambda: in_sync(srv, "m"), 600, "the resync")
-                    secs = time.perf_counter() - t0
-                    srv.dmuser("remove", "m")
+                    try:
+                        secs = time_resync(client, table, 600)
+                    finally:
+                        with contextlib.suppress(DmuserError):
+                            client.remove("m")
+                write_back(leg1)
                 results.setdefault("resync", {}).setdefault(how, []).append(mb / secs)
     finally:
         srv.stop()
@@ -263,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     with _workdir(args) as workdir:
         try:
             res = run(args, workdir)
-        except BenchError as exc:
+        except (BenchError, DmuserError) as exc:
             print(f"bench nbd: {exc}", file=sys.stderr)
             return 1
     size_mib = 64 if args.quick else args.size_mib
