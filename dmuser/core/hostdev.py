@@ -21,7 +21,10 @@ import os
 import re
 import stat
 import struct
+import subprocess
+import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 _BLKROSET = 0x125D
 _FIFREEZE = 0xC0045877
@@ -58,9 +61,20 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-def mountpoints_of(devno: str, dev: str = "") -> list[str]:
-    """The mount points of file systems on block device ``devno`` (``MAJ:MIN``), or
-    whose mount source is ``dev`` (``/dev/loopN``, also through a link such as
+@dataclass(frozen=True)
+class Mount:
+    """One line of ``/proc/self/mountinfo``: where, which superblock (``st_dev`` of
+    its files), of what type, mounted from what."""
+
+    path: str
+    st_dev: int
+    fstype: str
+    source: str
+
+
+def mounts_of(devno: str, dev: str = "") -> list[Mount]:
+    """The file systems on block device ``devno`` (``MAJ:MIN``), or whose mount
+    source is ``dev`` (``/dev/loopN``, also through a link such as
     ``/dev/mapper/NAME``: btrfs reports an anonymous ``MAJ:MIN``), from
     ``/proc/self/mountinfo``."""
     found = []
@@ -73,8 +87,15 @@ def mountpoints_of(devno: str, dev: str = "") -> list[str]:
             source = _unescape(rest[1]) if len(rest) > 1 else ""
             if fields[2] == devno or (dev and source.startswith("/dev/")
                                       and os.path.realpath(source) == dev):
-                found.append(_unescape(fields[4]))
+                major, minor = fields[2].split(":")
+                found.append(Mount(_unescape(fields[4]), os.makedev(int(major), int(minor)),
+                                   rest[0], source))
     return found
+
+
+def mountpoints_of(devno: str, dev: str = "") -> list[str]:
+    """The mount points of :func:`mounts_of`."""
+    return [m.path for m in mounts_of(devno, dev)]
 
 
 def fuse_mountpoints() -> set[str]:
@@ -90,31 +111,80 @@ def fuse_mountpoints() -> set[str]:
     return found
 
 
-def _fs_ioctl(mountpoint: str, request: int) -> None:
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _open_if_same(m: Mount) -> int | None:
+    """A directory fd on ``m.path`` if the file system there is still ``m``'s
+    superblock (a ``umount`` may have raced the mountinfo read), else None."""
     try:
-        fcntl.ioctl(fd, request, struct.pack("i", 0))
-    finally:
+        fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if os.fstat(fd).st_dev != m.st_dev:
         os.close(fd)
+        return None
+    return fd
 
 
-def freeze_fs(mountpoint: str) -> bool:
-    """FIFREEZE the file system mounted on ``mountpoint``: it writes back and then
-    blocks new writes until :func:`thaw_fs`.  False if it was frozen already
-    (by someone else, who keeps the thaw); other errors raise OSError."""
+def _ioctl(fd: int, request: int) -> None:
+    fcntl.ioctl(fd, request, struct.pack("i", 0))
+
+
+def freeze_fs(m: Mount) -> bool:
+    """FIFREEZE the file system ``m``: it writes back and then blocks new writes
+    until :func:`thaw_fs`.  The ioctl goes through an fd checked to be on ``m``'s
+    superblock, so a path whose mount changed is never frozen in its place (the
+    parent file system).  False if there is nothing to freeze any more or it was
+    frozen already (by someone else, who keeps the thaw); other errors raise."""
+    fd = _open_if_same(m)
+    if fd is None:
+        return False
     try:
-        _fs_ioctl(mountpoint, _FIFREEZE)
+        _ioctl(fd, _FIFREEZE)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             return False
         raise
+    finally:
+        os.close(fd)
     return True
 
 
-def thaw_fs(mountpoint: str) -> None:
-    """FITHAW: undo :func:`freeze_fs`.  A file system not frozen (EINVAL) is fine."""
+def thaw_fs(m: Mount, device: str) -> None:
+    """FITHAW: undo :func:`freeze_fs` (a file system not frozen, EINVAL, is fine).
+
+    A frozen file system may be unmounted; its superblock then lives on, frozen,
+    and holds ``device``.  The kernel thaws through the block device; from here
+    the way to that superblock is a private mount of ``device``, which shares it:
+    thaw there, then unmount.  Nothing holds ``device`` (an ``O_EXCL`` open
+    succeeds): nothing to thaw, and nothing is mounted."""
+    fd = _open_if_same(m)
+    if fd is not None:
+        try:
+            _thaw_fd(fd)
+        finally:
+            os.close(fd)
+        return
     try:
-        _fs_ioctl(mountpoint, _FITHAW)
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        return  # not claimed: no superblock lives on
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            return  # the device is gone: so is anything on it
+    with tempfile.TemporaryDirectory(prefix="dmuser-thaw-") as tmp:
+        subprocess.run(["mount", "-t", m.fstype, device, tmp], check=True, timeout=60,
+                       capture_output=True)
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _thaw_fd(fd)
+            finally:
+                os.close(fd)
+        finally:
+            subprocess.run(["umount", tmp], check=True, timeout=60, capture_output=True)
+
+
+def _thaw_fd(fd: int) -> None:
+    try:
+        _ioctl(fd, _FITHAW)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise

@@ -52,8 +52,9 @@ import trio
 
 from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
 from dmuser.core.hostdev import (
+    Mount,
     freeze_fs,
-    mountpoints_of,
+    mounts_of,
     openers,
     set_read_only,
     thaw_fs,
@@ -95,7 +96,7 @@ class LoopDevices:
         self._sectors: dict[str, int] = {}
         self._read_only: dict[str, bool] = {}
         #: device name -> the mount points this daemon froze (thawed at resume)
-        self._frozen: dict[str, list[str]] = {}
+        self._frozen: dict[str, list[tuple[Mount, str]]] = {}
         #: keeps udev from probing the loop devices of suspended devices
         self.udev = UdevQuiet(mountpoint)
 
@@ -162,29 +163,30 @@ class LoopDevices:
         what was frozen and raises DmError."""
         if not md.block_devno or md.name in self._frozen:
             return
-        frozen: list[str] = []
+        frozen: list[tuple[Mount, str]] = []
         try:
-            for mnt in mountpoints_of(md.block_devno, md.block_device):
-                if await trio.to_thread.run_sync(freeze_fs, mnt):
-                    frozen.append(mnt)
-                    log.info("%s: froze %s", md.name, mnt)
+            for m in mounts_of(md.block_devno, md.block_device):
+                if await trio.to_thread.run_sync(freeze_fs, m):
+                    frozen.append((m, md.block_device))
+                    log.info("%s: froze %s", md.name, m.path)
         except OSError as exc:
-            for mnt in frozen:
-                await trio.to_thread.run_sync(thaw_fs, mnt)
+            for m, dev in frozen:
+                await trio.to_thread.run_sync(thaw_fs, m, dev)
             raise DmError(f"{md.name}: cannot freeze the file system on {md.block_device}: "
                           f"{exc.strerror}", exc.errno or errno.EIO) from None
         if frozen:
             self._frozen[md.name] = frozen
 
     async def thaw(self, md: MappedDevice) -> None:
-        """FITHAW what :meth:`freeze` froze; errors are logged (the device runs).
-        Call it only when ``md`` is not suspended: a thaw may write."""
-        for mnt in self._frozen.pop(md.name, []):
+        """FITHAW what :meth:`freeze` froze, also when it was unmounted meanwhile
+        (``hostdev.thaw_fs``); errors are logged (the device runs).  Call it only
+        when ``md`` is not suspended: a thaw may write."""
+        for m, dev in self._frozen.pop(md.name, []):
             try:
-                await trio.to_thread.run_sync(thaw_fs, mnt)
-                log.info("%s: thawed %s", md.name, mnt)
-            except OSError as exc:
-                log.error("%s: cannot thaw %s: %s", md.name, mnt, exc.strerror)
+                await trio.to_thread.run_sync(thaw_fs, m, dev)
+                log.info("%s: thawed %s", md.name, m.path)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("%s: cannot thaw %s: %s", md.name, m.path, exc)
 
     async def is_open(self, md: MappedDevice) -> bool:
         """True if the loop device is open: held exclusively (an ``O_EXCL`` probe

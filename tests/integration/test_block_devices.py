@@ -269,6 +269,32 @@ def test_suspend_freezes_the_mounted_fs_unless_nolockfs(bd: Daemon) -> None:
 
 
 @pytest.mark.mkfs
+def test_a_fs_unmounted_while_frozen_is_thawed_at_resume(bd: Daemon) -> None:
+    """generic/085's race: ``umount`` between the suspend's freeze and the resume.
+    The frozen superblock lives on and holds the block device; the resume must
+    still thaw it (the kernel thaws through the block device), else the device
+    stays claimed for good and nothing can mount or remove it."""
+    d = bd
+    name = bd_name("a")
+    make_image(d.dir / "a.img", 16 * MiB)
+    ok(d, "create", name, "--table", f"0 {16 * MiB // SECTOR} linear {d.dir / 'a.img'} 0")
+    mkfs_ext4(mapper(name))
+    mnt = d.dir / "fsmnt"
+    d.mount(str(mapper(name)), mnt)
+    (mnt / "f").write_bytes(b"f" * 8192)
+    ok(d, "suspend", name)
+    d.umount(mnt)  # allowed on a frozen fs; its superblock stays, frozen
+    ok(d, "resume", name)
+    assert "cannot thaw" not in d.log_text()
+    d.mount(str(mapper(name)), mnt)  # the same superblock
+    assert not _thaw(mnt)  # ... not frozen any more (a frozen one is thawed here: no hang)
+    (mnt / "g").write_bytes(b"g" * 8192)
+    d.umount(mnt)
+    ok(d, "remove", name)  # nothing holds the device
+    fsck_clean(d.dir / "a.img")
+
+
+@pytest.mark.mkfs
 def test_table_swaps_under_a_busy_fs_keep_every_acknowledged_write(bd: Daemon) -> None:
     d = bd
     name = bd_name("a")
