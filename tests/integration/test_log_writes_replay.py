@@ -4,7 +4,8 @@ A workload of O_DIRECT writes (``dd oflag=direct``), fsyncs, a discard-free
 mix of sizes and ``mark`` messages runs on a log-writes device; after its
 removal the log file is read by ``dmuser.formats.logwrites`` and by
 ``replay-log`` built from the fstests tarball (``../shared/third_party`` beside the repository,
-or ``$DMUSER_FSTESTS_TARBALL``; about a second with gcc).  Both must agree on
+or ``$DMUSER_FSTESTS_TARBALL``) by ``tools/fstests_build.py``: taken from the
+cached fstests build, or compiled alone with gcc in about a second.  Both must agree on
 the number of entries, on where each mark is, and on the replayed bytes at each
 mark, which must also be the data device's bytes at the time of the mark.
 The kernel's own log (vector ``log-writes``) is checked the same way.  Skipped
@@ -15,10 +16,8 @@ when the tarball or gcc is missing.  (replay-log's usage text says
 from __future__ import annotations
 
 import lzma
-import os
-import shutil
 import subprocess
-import tarfile
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,26 +28,19 @@ from dmuser.formats.logwrites import LOG_FLUSH_FLAG, decode_log, replay
 
 S = 512
 MiB = 1 << 20
-TARBALL = Path(os.environ.get(
-    "DMUSER_FSTESTS_TARBALL",
-    Path(__file__).resolve().parents[3] / "shared" / "third_party" / "fstests-63a29724.tar.xz"))
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import fstests_build  # noqa: E402  (tools/: the one place that builds fstests)
 
 
 @pytest.fixture(scope="module")
-def replay_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not TARBALL.is_file():
-        pytest.skip(f"no fstests tarball at {TARBALL}")
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is missing")
-    tmp = tmp_path_factory.mktemp("fstests")
-    with tarfile.open(TARBALL) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith("fstests/src/log-writes/")]
-        tar.extractall(tmp, members=members, filter="data")
-    src = tmp / "fstests" / "src" / "log-writes"
-    out = tmp / "replay-log"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(src / "replay-log.c"),
-                    str(src / "log-writes.c")], check=True, capture_output=True, timeout=120)
-    return out
+def replay_log() -> Path:
+    try:
+        return fstests_build.replay_log()
+    except fstests_build.BuildError as exc:
+        pytest.skip(str(exc))
 
 
 def _dd(src: Path, dev: Path, sector: int, *extra: str) -> None:
