@@ -26,28 +26,14 @@ from pathlib import Path
 import pytest
 from support.daemon import Daemon
 from support.data import make_image, pattern, read_at, write_at
-from support.system import in_ci, wait_until
+from support.system import need_tools as need
+from support.system import run_tool as run
+from support.system import wait_until
 
 from dmuser.formats import nbd
 
 S = 512
 MIB = 1 << 20
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        msg = f"{', '.join(missing)} not found (scripts/setup installs them)"
-        if in_ci():
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert res.returncode == 0, f"{' '.join(cmd)}: exit {res.returncode}\n{res.stderr}"
-    return res
 
 
 @pytest.fixture

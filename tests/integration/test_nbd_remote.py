@@ -35,26 +35,12 @@ import pytest
 from support.daemon import Daemon, DaemonFactory
 from support.data import make_image, pattern, read_at, write_at
 from support.system import fsck_clean, in_ci, mkfs_ext4, wait_until
+from support.system import need_tools as need
+from support.system import run_tool as run
 from support.tls import make_certs
 
 S = 512
 MIB = 1 << 20
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        msg = f"{', '.join(missing)} not found (scripts/setup installs them)"
-        if in_ci():
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert res.returncode == 0, f"{' '.join(cmd)}: exit {res.returncode}\n{res.stderr}"
-    return res
 
 
 def mirror_health(d: Daemon, name: str) -> tuple[str, str]:

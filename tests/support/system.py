@@ -319,3 +319,23 @@ def udevd_running() -> Iterator[None]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGTERM)
         wait_until(lambda: not running(), 10)
+
+
+def need_tools(*tools: str) -> None:
+    """Skip (fail under CI) unless every program in ``tools`` is on PATH."""
+    import pytest
+
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        msg = f"{', '.join(missing)} not found (scripts/setup installs them)"
+        if in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+
+
+def run_tool(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run an external program (2 min at most); with ``check``, assert it exited 0."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check:
+        assert res.returncode == 0, f"{' '.join(cmd)}: exit {res.returncode}\n{res.stderr}"
+    return res
