@@ -18,6 +18,7 @@ from typing import TextIO
 
 from dmuser.client import Client
 from dmuser.dmsetup import options, report, verbs
+from dmuser.dmsetup.operands import Failed
 from dmuser.dmsetup.usage import USAGE
 from dmuser.errors import DmuserError
 
@@ -91,7 +92,7 @@ def main(argv: list[str], *, client: Client | None = None, out: TextIO | None = 
     runner = verbs.Runner(client or Client(), opts, out, stdin or sys.stdin)
     try:
         runner.run(command)
-    except verbs.Failed as exc:
+    except Failed as exc:
         lines, trailer = exc.lines, exc.command_failed
     except DmuserError as exc:  # no daemon, a broken connection...
         lines, trailer = [f"dmuser: {exc}"], True

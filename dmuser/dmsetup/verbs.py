@@ -13,13 +13,11 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from dmuser import __version__
-from dmuser.client import Client
 from dmuser.core import mapper_links
 from dmuser.dmsetup import report
-from dmuser.dmsetup.options import Options
+from dmuser.dmsetup.operands import Failed, Operands, atoi, ioctl_error
 from dmuser.dmsetup.report import Row
 from dmuser.errors import DeviceBusy, DeviceExists, DmuserError, NoSuchDevice
 from dmuser.status import DeviceInfo
@@ -34,118 +32,8 @@ NOT_SUPPORTED = {"rename", "wipe_table", "measure", "stats", "mangle", "setgeome
 NO_OPS = {"udevcomplete", "udevcomplete_all", "udevcookies"}
 
 
-class Failed(Exception):
-    """The command failed; ``lines`` are its error lines (stderr)."""
-
-    def __init__(self, *lines: str, command_failed: bool = True) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = list(lines)
-        #: dmsetup adds "Command failed." (not after an unknown -o field)
-        self.command_failed = command_failed
-
-
-def ioctl_error(ioctl: str, name: str, exc: DmuserError, code: int | None = None) -> list[str]:
-    """dmuser's message, then libdevmapper's line for a failed ioctl."""
-    return [f"dmuser: {exc}",
-            f"device-mapper: {ioctl} ioctl on {name}  failed: {os.strerror(code or exc.errno)}"]
-
-
-def _number(text: str | None) -> str:
-    """A ``-j``/``-m`` argument as dmsetup's atoi reads it (leading digits)."""
-    text = (text or "").strip()
-    digits = text[:len(text) - len(text.lstrip("0123456789"))]
-    return str(int(digits or "0"))
-
-
-class Runner:
-    def __init__(self, client: Client, opts: Options, out: TextIO, stdin: TextIO) -> None:
-        self.c, self.opts, self.out, self.stdin = client, opts, out, stdin
-        self.errors: list[str] = []
-        self._mountpoint: str | None = None
-
-    # -- helpers ------------------------------------------------------------------------
-
-    def mountpoint(self) -> str:
-        if self._mountpoint is None:
-            self._mountpoint = self.c.ping().mountpoint
-        return self._mountpoint
-
-    def mapper_dir(self) -> str:
-        return (os.environ.get("DM_DEV_DIR") or "/dev").rstrip("/") + "/mapper/"
-
-    def device(self, arg: str) -> str:
-        """A device argument as a name: ``$DM_DEV_DIR/mapper/NAME`` and the device's
-        file on the mount name NAME, as in dmsetup."""
-        if "/" not in arg:
-            return arg
-        if arg.startswith(self.mapper_dir()):
-            return arg[len(self.mapper_dir()):]
-        if os.path.dirname(os.path.abspath(arg)) == self.mountpoint():
-            return os.path.basename(arg)
-        return arg
-
-    def devices(self, *, required: bool = True) -> list[str]:
-        """The device operands, or ``-u UUID``'s or ``-j MAJ -m MIN``'s device; []
-        means every device."""
-        if self.opts.operands:
-            return [self.device(a) for a in self.opts.operands]
-        if self.opts.get("uuid") is not None or self.opts.get("major") is not None \
-                or self.opts.get("minor") is not None:
-            return [self.devices_by_uuid()]
-        if required:
-            raise Failed("No device specified.")
-        return []
-
-    def devices_by_uuid(self) -> str:
-        """The device ``-u UUID`` (or ``-j MAJ -m MIN``: its block device) names."""
-        uuid, major, minor = (self.opts.get(k) for k in ("uuid", "major", "minor"))
-        if uuid is None and (major is None or minor is None):
-            raise Failed("Please specify both major number and minor number.",
-                         "Couldn't process command line.", command_failed=False)
-        devno = f"{_number(major)}:{_number(minor)}"
-        found = [i.name for i in self.c.info_all()
-                 if (i.uuid == uuid if uuid is not None else i.block_devno == devno)]
-        if not found:
-            raise Failed("Device does not exist.")
-        return found[0]
-
-    def each(self, names: list[str], fn: Callable[[str], None]) -> None:
-        """``fn`` on every name; failures are collected, the rest still run."""
-        for name in names:
-            try:
-                fn(name)
-            except Failed as exc:
-                self.errors.extend(exc.lines)
-
-    def table_text(self, text: str) -> str:
-        """``/dev/mapper/NAME`` words naming dmuser devices become their files."""
-        prefix = self.mapper_dir()
-        if prefix not in text:
-            return text
-        files = self.c.ls()
-        lines = []
-        for line in text.splitlines():
-            words = line.split()
-            lines.append(" ".join(files.get(w[len(prefix):], w) if w.startswith(prefix) else w
-                                  for w in words))
-        return "".join(line + "\n" for line in lines)
-
-    def read_table(self, file: str | None) -> str:
-        table = self.opts.get("table")
-        if table is not None:
-            return self.table_text(table)
-        if file is not None:
-            try:
-                with open(file) as f:
-                    return self.table_text(f.read())
-            except (OSError, UnicodeDecodeError):
-                raise Failed(f"Couldn't open '{file}' for reading.") from None
-        return self.table_text(self.stdin.read())
-
-    def write(self, text: str) -> None:
-        self.out.write(text)
-
-    # -- commands -----------------------------------------------------------------------
+class Runner(Operands):
+    """One method per dmsetup command (``cmd_<verb>``)."""
 
     def run(self, command: str) -> None:
         if self.opts.has("concise"):
@@ -276,9 +164,8 @@ class Runner:
     def cmd_wait(self) -> None:
         name = self.devices()[0]
         nr = self.opts.operands[1] if len(self.opts.operands) > 1 else "0"
-        digits = nr[:len(nr) - len(nr.lstrip("0123456789"))] or "0"  # atoi
         try:
-            self.c.wait(name, int(digits))
+            self.c.wait(name, int(atoi(nr)))
         except DmuserError as exc:
             raise Failed(*ioctl_error("waitevent", name, exc)) from None
 
