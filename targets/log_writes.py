@@ -18,11 +18,22 @@ Guarantees -- the kernel's ordering rule (``log_writes_map``, ``normal_end_io``)
   or failed, as the kernel does.
 * **When.**  A completed write or discard waits on the *unflushed* list.  An
   empty flush takes the unflushed list when it is *mapped*; when it completes,
-  those entries and then the flush entry are appended to the log.  A write
-  that completes while a flush is in flight waits for the next flush.  A FUA
-  write is appended when it completes; ``mark <text>`` at once.  The flush
-  or FUA bio (and the message) returns only once its entries are on the log
-  device (the kernel logs in a kthread and does not wait).
+  the lists taken by flushes mapped before it and still in flight, then its
+  own, then the flush entry are appended to the log.  A write that completes
+  while a flush is in flight waits for the next flush.  A FUA write is
+  appended when it completes; ``mark <text>`` at once.  The flush or FUA bio
+  (and the message) returns only once its entries are on the log device (the
+  kernel logs in a kthread and does not wait).
+* **Replay order** (two deviations from the kernel, which the kernel's log can
+  break when writes overlap): the log holds completed writes in completion
+  order -- the kernel appends only a flush's own list, so when concurrent
+  flushes complete out of order an older write lands after a newer one to the
+  same sectors; and a completed FUA write cuts the sectors it wrote out of the
+  older writes still waiting for a flush (a write may become two entries, or
+  none) -- the kernel logs them whole after it, so a replay could end with the
+  older data.  Every prefix ending at a flush or FUA entry is still a state a
+  crash could leave.  Without concurrent flushes or overlapping FUA writes the
+  log is the kernel's, byte for byte.
 * **Records.**  Appended in that order, each at the log's next free sector
   (``next_sector``, starting at 1).  If a record would reach the log
   device's last sector (``next_sector >= size``) logging stops for good:
@@ -92,6 +103,22 @@ class _Block:
     flushed: list[_Block] = field(default_factory=list)
 
 
+def _cut(blocks: list[_Block], lo: int, hi: int) -> list[_Block]:
+    """``blocks`` without sectors ``lo..hi-1``: a block overlapping them keeps the
+    parts before and after (data sliced to match), or goes."""
+    out: list[_Block] = []
+    for b in blocks:
+        end = b.sector + b.nr_sectors
+        if end <= lo or b.sector >= hi:
+            out.append(b)
+            continue
+        for start, stop in ((b.sector, min(end, lo)), (max(b.sector, hi), end)):
+            if start < stop:
+                data = b.data[(start - b.sector) << SECTOR_SHIFT:(stop - b.sector) << SECTOR_SHIFT]
+                out.append(_Block(b.flags, start, stop - start, data))
+    return out
+
+
 class LogWritesTarget(Target):
     name = "log-writes"
     version = (1, 1, 0)
@@ -111,6 +138,8 @@ class LogWritesTarget(Target):
         self.logging_enabled = True
         self.device_supports_discard = bool(self.dev.supports_discard)
         self._unflushed: list[_Block] = []
+        #: flushes mapped and not completed, in map order (each holds the list it took)
+        self._flushing: list[_Block] = []
         self._logging: deque[_Block] = deque()
         self._lock = trio.Lock()
 
@@ -138,6 +167,7 @@ class LogWritesTarget(Target):
             block.data = bytes(bio.data)
         if flush:
             block.flushed, self._unflushed = self._unflushed, []
+            self._flushing.append(block)
         return self.dev
 
     async def end_io(self, bio: Bio, error: DmIOError | None) -> DmIOError | None:
@@ -146,11 +176,22 @@ class LogWritesTarget(Target):
             return error
         bio.target_ctx = None
         if block.flags & LOG_FLUSH_FLAG:
+            # this flush also covers what earlier flushes still in flight took (it
+            # completed before this one was mapped): logged first, in map order
+            if block in self._flushing:
+                for earlier in self._flushing[:self._flushing.index(block) + 1]:
+                    self._logging.extend(earlier.flushed)
+                    earlier.flushed = []
+                self._flushing.remove(block)
             self._logging.extend(block.flushed)
             block.flushed = []
             self._logging.append(block)
             await self._drain()
         elif block.flags & LOG_FUA_FLAG:
+            lo, hi = block.sector, block.sector + block.nr_sectors
+            self._unflushed = _cut(self._unflushed, lo, hi)
+            for earlier in self._flushing:
+                earlier.flushed = _cut(earlier.flushed, lo, hi)
             self._logging.append(block)
             await self._drain()
         else:
@@ -213,6 +254,10 @@ class LogWritesTarget(Target):
 
     async def close(self) -> None:
         """``log_writes_dtr``: log the unflushed entries, then the end mark."""
+        for earlier in self._flushing:  # flushes that never completed (cancelled)
+            self._logging.extend(earlier.flushed)
+            earlier.flushed = []
+        self._flushing = []
         self._logging.extend(self._unflushed)
         self._unflushed = []
         await self._mark(END_MARK)

@@ -155,6 +155,48 @@ async def test_fua_is_logged_at_completion_and_writes_the_super() -> None:
     await table.close()
 
 
+async def test_flushes_completing_out_of_order_keep_completion_order() -> None:
+    """A takes [old], B (mapped later) takes [new] and completes first: B covers old
+    too (it completed before B was mapped), so old is logged before new, not after
+    (the kernel's order, which a replay would end with old data in)."""
+    table, target, devs = await build()
+    dev = devs["254:0"]
+    await table.submit(Bio.write(0, pattern(1, S)))          # old
+    gate = dev.flush_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(table.submit, Bio.flush())        # A: held at the device
+        await trio.testing.wait_all_tasks_blocked()
+        dev.flush_gate = None
+        await table.submit(Bio.write(0, pattern(2, S)))      # new, same sector
+        await table.submit(Bio.flush())                      # B overtakes A
+        gate.set()
+    entries = logged(target, devs["254:16"])
+    assert summary(entries) == [(0, 1, 0), (0, 1, 0), (0, 0, LOG_FLUSH_FLAG),
+                                (0, 0, LOG_FLUSH_FLAG)]
+    assert [e.data for e in entries[:2]] == [pattern(1, S), pattern(2, S)]
+    blank = bytearray(len(dev.buf))
+    replay(entries, blank, limit=3)
+    assert blank == dev.buf
+    await table.close()
+
+
+async def test_fua_write_cuts_its_sectors_out_of_older_unflushed_writes() -> None:
+    table, target, devs = await build()
+    dev, log = devs["254:0"], devs["254:16"]
+    await table.submit(Bio.write(10, pattern(1, 8 * S)))     # 10..17, unflushed
+    await table.submit(Bio(Op.DISCARD, 20, 4))               # 20..23, unflushed
+    await table.submit(Bio.write(12, pattern(2, 10 * S), ReqFlag.FUA))  # 12..21
+    await table.submit(Bio.flush())
+    entries = logged(target, log)
+    assert summary(entries) == [(12, 10, LOG_FUA_FLAG), (10, 2, 0),
+                                (22, 2, LOG_DISCARD_FLAG), (0, 0, LOG_FLUSH_FLAG)]
+    assert entries[1].data == pattern(1, 8 * S)[:2 * S]
+    blank = bytearray(len(dev.buf))
+    replay(entries, blank)
+    assert blank == dev.buf
+    await table.close()
+
+
 async def test_reads_are_not_logged() -> None:
     table, target, devs = await build()
     await table.submit(Bio.read(0, bytearray(4 * S)))
