@@ -11,6 +11,9 @@ address.  Guarantees:
 * **Ordering.** Each request runs in its own trio task (at most
   ``nbd_session.MAX_IN_FLIGHT`` per connection), so requests complete in any order, as
   the protocol allows; replies are written whole, one at a time.
+* **Memory.** The payloads of all connections together stay within
+  :attr:`NbdServer.budget` (``nbd_budget.NBD_BUDGET``, 64 MiB); past it the
+  connections stop reading requests until replies are sent (``nbd_session.py``).
   ``NBD_CMD_FLUSH`` is an empty flush bio: every write *completed* (replied to)
   before it is durable when its reply comes.  ``NBD_CMD_FLAG_FUA`` is
   ``ReqFlag.FUA``: that write is durable when its reply comes.
@@ -49,6 +52,7 @@ from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_wire import Wire
 from dmuser.formats import nbd
+from dmuser.nbd_budget import ByteBudget
 from dmuser.nbd_session import GONE, Conn, Export, Found, handshake, transmission
 
 log = logging.getLogger(__name__)
@@ -182,6 +186,8 @@ class NbdServer:
         self.mgr = mgr
         self.listeners: dict[str, _Listener] = {}
         self.nursery: trio.Nursery | None = None
+        #: the payload bytes all connections may hold together (``nbd_budget.py``)
+        self.budget = ByteBudget()
         _SERVERS[mgr] = self
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -339,7 +345,7 @@ class NbdServer:
                 conn.scope = trio.CancelScope()
                 if conn.stopping:
                     return
-                await transmission(wire, md, conn)
+                await transmission(wire, md, conn, self.budget)
         except GONE as exc:
             log.info("NBD client on %s: %s", lst.address, exc or type(exc).__name__)
         finally:

@@ -5,7 +5,11 @@ request is a bio submitted to :meth:`MappedDevice.submit`, in a task of its
 own, at most :data:`MAX_IN_FLIGHT` per connection, except plain aligned reads
 and writes that the device's direct path (the FUSE file's) completes at once,
 answered by the reading loop itself (:func:`_direct`); replies go out whole,
-one at a time, in the order the requests complete.  Stopping a connection
+one at a time, in the order the requests complete.  Memory: a request's payload
+is charged to the daemon's :class:`~dmuser.nbd_budget.ByteBudget` (and to the
+connection's share of it, :data:`CONN_SHARE`) before it is read or allocated,
+and returned once its reply is sent; while either is used up the connection
+reads no further request (TCP holds the client back).  Stopping a connection
 (:meth:`Conn.stop`) stops reading requests; those in flight finish and are
 answered before the transmission returns.
 
@@ -32,10 +36,16 @@ from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_wire import Wire
 from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
 from dmuser.formats import nbd
+from dmuser.nbd_budget import ByteBudget
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+#: one connection holds at most 1/CONN_SHARE of the daemon's budget: a client that
+#: stops reading its replies (whose data waits to be sent) ties up only that much
+CONN_SHARE = 4
+#: the zeros of a WRITE_ZEROES written as data (``_write``), one piece at a time
+_ZERO_CHUNK = 1 << 20
 _TF = nbd.TransmissionFlag
 #: flush is global (every backing file) and every connection goes through one
 #: MappedDevice, so what one connection flushed is flushed for all: multi-conn is safe
@@ -176,14 +186,39 @@ def _reply(conn: Conn, req: nbd.Request, error: int, data: bytes | bytearray | m
     return (nbd.encode_chunk_header(req.handle, nbd.ReplyType.NONE, 0),)
 
 
-async def transmission(wire: Wire, md: MappedDevice, conn: Conn) -> None:
-    """Read requests until DISC, EOF or :meth:`Conn.stop`; answer each in a task."""
+def _cost(req: nbd.Request) -> int:
+    """The bytes ``req`` allocates while it runs: a READ's or WRITE's data, the zeros
+    of a WRITE_ZEROES written as data (``_write``); 0 for a request refused anyway."""
+    n = req.length
+    if req.type in (nbd.Cmd.READ, nbd.Cmd.WRITE):
+        return n if n <= nbd.MAX_PAYLOAD else 0
+    if req.type == nbd.Cmd.WRITE_ZEROES:
+        return min(n, nbd.MAX_PAYLOAD if (req.offset | n) & (SECTOR_SIZE - 1) else _ZERO_CHUNK)
+    return 0
+
+
+async def transmission(wire: Wire, md: MappedDevice, conn: Conn, budget: ByteBudget) -> None:
+    """Read requests until DISC, EOF or :meth:`Conn.stop`; answer each in a task.
+    ``budget`` is the daemon's, shared by all its connections (module docstring)."""
     assert conn.export is not None
     exp = conn.export
     slots = trio.Semaphore(MAX_IN_FLIGHT)
     send_lock = trio.Lock()
+    share = ByteBudget(budget.total // CONN_SHARE)
 
-    async def one(req: nbd.Request, payload: bytearray | None) -> None:
+    async def charge(n: int) -> tuple[int, int]:
+        mine = await share.acquire(n)
+        try:
+            return mine, await budget.acquire(n)
+        except BaseException:
+            share.release(mine)
+            raise
+
+    def refund(held: tuple[int, int]) -> None:
+        share.release(held[0])
+        budget.release(held[1])
+
+    async def one(req: nbd.Request, payload: bytearray | None, held: tuple[int, int]) -> None:
         try:
             try:
                 error, data = await execute(md, exp, req, payload)
@@ -196,6 +231,7 @@ async def transmission(wire: Wire, md: MappedDevice, conn: Conn) -> None:
             conn.stop()  # the client went away (or another task closed the wire)
         finally:
             slots.release()
+            refund(held)
 
     async with trio.open_nursery() as requests:
         with conn.scope:
@@ -204,13 +240,21 @@ async def transmission(wire: Wire, md: MappedDevice, conn: Conn) -> None:
                     req = nbd.decode_request(await wire.recv_exactly(nbd.REQUEST_SIZE))
                     if req.type == nbd.Cmd.DISC:
                         break
-                    payload = None
-                    if req.type == nbd.Cmd.WRITE:
-                        if req.length > nbd.MAX_PAYLOAD:
-                            raise nbd.NbdProtocolError(f"a write of {req.length} bytes")
-                        payload = await wire.recv_exactly(req.length)
-                    data = _direct(md, exp, req, payload)
-                    if data is not None:  # answered at once: no task, no bio (see below)
+                    if req.type == nbd.Cmd.WRITE and req.length > nbd.MAX_PAYLOAD:
+                        raise nbd.NbdProtocolError(f"a write of {req.length} bytes")
+                    held = await charge(_cost(req))  # before the payload is read
+                    spawned = False
+                    try:
+                        payload = None
+                        if req.type == nbd.Cmd.WRITE:
+                            payload = await wire.recv_exactly(req.length)
+                        data = _direct(md, exp, req, payload)
+                        if data is None:
+                            await slots.acquire()
+                            requests.start_soon(one, req, payload, held)
+                            spawned = True
+                            continue
+                        # answered at once: no task, no bio (see _direct)
                         conn.answering = True
                         try:
                             if send_lock.locked():
@@ -223,11 +267,11 @@ async def transmission(wire: Wire, md: MappedDevice, conn: Conn) -> None:
                                 send_lock.release()
                         finally:
                             conn.answering = False
-                        if conn.stopping:
-                            break
-                        continue
-                    await slots.acquire()
-                    requests.start_soon(one, req, payload)
+                    finally:
+                        if not spawned:
+                            refund(held)
+                    if conn.stopping:
+                        break
             except GONE as exc:  # the requests in flight still finish
                 log.info("NBD client of %s: %s", md.name, exc or type(exc).__name__)
 
@@ -319,7 +363,7 @@ async def _write(md: MappedDevice, off: int, n: int, payload: bytearray | None,
         try:
             await md.submit(Bio(Op.WRITE_ZEROES, first, end - first, None, fua))
         except NotSupportedError:
-            zeros = bytes(min(n, 1 << 20))
+            zeros = bytes(min(n, _ZERO_CHUNK))
             for pos in range(off, off + n, len(zeros)):
                 await md.submit(Bio.write(pos >> SECTOR_SHIFT,
                                           zeros[:min(len(zeros), off + n - pos)], fua))

@@ -1,0 +1,164 @@
+"""What the NBD server holds while its device stalls: the daemon's byte budget.
+
+The exported device is suspended (its requests wait, as behind a stalled
+backing file) while NBD client devices of the same process send more than
+the budget on several connections.  What the server holds is counted by
+wrapping ``nbd_session.execute`` (the payload of every request in it), not
+by the budget's own books; quiescence is ``wait_all_tasks_blocked``, not time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from support.data import make_image, pattern
+from support.targets import make_manager
+
+from dmuser import nbd_session
+from dmuser.control import Reply, dispatch
+from dmuser.core.manager import DeviceManager
+from dmuser.core.mapped_device import MappedDevice
+from dmuser.formats import nbd
+from dmuser.nbd_budget import ByteBudget
+from dmuser.nbd_server import NbdServer, server_for
+
+S = 512
+KiB = 1024
+REQ = 64 * KiB
+BUDGET = 512 * KiB
+
+
+async def run(mgr: DeviceManager, verb: str, **req: object) -> Reply:
+    return await dispatch(mgr, {"verb": verb, **req})
+
+
+@pytest.fixture
+async def mgr(nursery: trio.Nursery) -> DeviceManager:
+    mgr = make_manager()
+    mgr.service_nursery = nursery
+    await nursery.start(NbdServer(mgr).run)
+    return mgr
+
+
+class Held:
+    """The payload bytes of the requests in ``nbd_session.execute`` (now and at most)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = self.peak = 0
+        real = nbd_session.execute
+
+        async def counting(md: MappedDevice, exp: nbd_session.Export, req: nbd.Request,
+                           payload: bytearray | None,
+                           ) -> tuple[int, bytearray | memoryview | None]:
+            n = req.length if req.type in (nbd.Cmd.READ, nbd.Cmd.WRITE) else 0
+            self.now += n
+            self.peak = max(self.peak, self.now)
+            try:
+                return await real(md, exp, req, payload)
+            finally:
+                self.now -= n
+
+        monkeypatch.setattr(nbd_session, "execute", counting)
+
+
+async def test_a_stalled_device_holds_the_budget_and_no_more(
+        mgr: DeviceManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conns, writes, reads = 6, 6, 2  # each connection: 8 requests of 64 KiB
+    region = (writes + reads) * REQ
+    path = tmp_path / "a.img"
+    data = make_image(path, conns * region, seed=9)
+    held = Held(monkeypatch)
+    server_for(mgr).budget = budget = ByteBudget(BUDGET)
+    share = BUDGET // nbd_session.CONN_SHARE
+    await run(mgr, "create", name="src", table=f"0 {len(data) // S} linear {path} 0")
+    uri = (await run(mgr, "export", name="src", address=str(tmp_path / "s.sock"))).data["uri"]
+    remotes = []
+    for i in range(conns):  # one connection per table
+        await run(mgr, "create", name=f"r{i}", table=f"0 {len(data) // S} linear {uri} 0")
+        remotes.append(mgr.get(f"r{i}"))
+    await run(mgr, "suspend", name="src")  # every request now waits in the device
+    got: dict[tuple[int, int], bytes] = {}
+
+    async def read(i: int, k: int, sector: int) -> None:
+        got[i, k] = bytes(await remotes[i].read(sector, REQ // S))
+
+    async def load(nursery: trio.Nursery, i: int) -> None:
+        base = i * region // S
+        for k in range(writes):
+            nursery.start_soon(remotes[i].write, base + k * REQ // S, pattern(f"{i}.{k}", REQ))
+        for k in range(reads):
+            nursery.start_soon(read, i, k, base + (writes + k) * REQ // S)
+
+    async with trio.open_nursery() as nursery:
+        await load(nursery, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.now == share  # one connection: its share, then TCP holds the rest
+        for i in range(1, conns):
+            await load(nursery, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.now == budget.held == BUDGET  # all of them: the budget, no more
+        await run(mgr, "resume", name="src")
+    assert held.peak == BUDGET and budget.held == 0
+    expect = bytearray(data)
+    for i in range(conns):
+        for k in range(writes):
+            pos = i * region + k * REQ
+            expect[pos:pos + REQ] = pattern(f"{i}.{k}", REQ)
+        for k in range(reads):
+            pos = i * region + (writes + k) * REQ
+            assert got[i, k] == data[pos:pos + REQ]
+    assert path.read_bytes() == bytes(expect)
+    for i in range(conns):
+        await run(mgr, "remove", name=f"r{i}")
+    await run(mgr, "unexport", name="src")
+
+
+async def test_a_request_larger_than_the_budget_runs_alone(
+        mgr: DeviceManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "b.img"
+    make_image(path, 4 * BUDGET, seed=3)
+    held = Held(monkeypatch)
+    server_for(mgr).budget = budget = ByteBudget(BUDGET)
+    await run(mgr, "create", name="src", table=f"0 {4 * BUDGET // S} linear {path} 0")
+    uri = (await run(mgr, "export", name="src", address=str(tmp_path / "s.sock"))).data["uri"]
+    await run(mgr, "create", name="r", table=f"0 {4 * BUDGET // S} linear {uri} 0")
+    remote = mgr.get("r")
+    await run(mgr, "suspend", name="src")
+    big = pattern("big", 2 * BUDGET)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(remote.write, 0, big)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.now == len(big) and budget.held == BUDGET
+        nursery.start_soon(remote.write, 2 * BUDGET // S, pattern("small", REQ))
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.now == len(big)  # the small one waits for the big one
+        await run(mgr, "resume", name="src")
+    assert path.read_bytes()[:2 * BUDGET + REQ] == big + pattern("small", REQ)
+    assert budget.held == 0
+    await run(mgr, "remove", name="r")
+    await run(mgr, "unexport", name="src")
+
+
+async def test_byte_budget_order_and_cancellation() -> None:
+    budget = ByteBudget(100)
+    assert await budget.acquire(60) == 60
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        cost = await budget.acquire(n)
+        order.append(name)
+        budget.release(cost)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "huge", 1000)  # charged the whole budget: waits for all
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, "small", 10)  # would fit, but comes second
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0) as scope:  # cancelled while waiting: holds nothing
+            await budget.acquire(1)
+        assert scope.cancelled_caught and order == []
+        budget.release(60)
+    assert order == ["huge", "small"] and budget.held == 0 and budget.peak == 100
