@@ -25,12 +25,18 @@ Guarantees:
 * **Cancellation.** A bio cancelled while waiting for its reply leaves the
   request to complete on the server; its reply is read and dropped (a READ's
   data never lands in the caller's buffer after it gave up).
+* **Memory.** A request's data is the caller's buffer (the bio's), sent from
+  and received into directly: what a slow server makes the device hold is the
+  bios waiting for it, which their submitters bound.  Of its own it holds
+  ``_Pending`` records, a 64 KiB receive buffer, and pieces of at most
+  :data:`_PIECE` (the zeros of a WRITE_ZEROES sent as writes, a dropped reply).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 #: the largest TRIM / WRITE_ZEROES request sent (the length field is 32 bits)
 _MAX_RANGE = 1 << 30
+#: the largest piece the device allocates itself (see the module docstring)
+_PIECE = 1 << 20
 #: what a dead or unparseable connection raises while reading replies
 _LOST = (OSError, EOFError, nbd.NbdProtocolError, trio.ClosedResourceError,
          trio.BrokenResourceError)
@@ -187,8 +195,10 @@ class NbdDevice(BlockDevice):
                 elif p.length:
                     if p.buf is not None:
                         await self._wire.recv_into(p.buf)
-                    else:
-                        await self._wire.recv_exactly(p.length)  # the caller left: drop
+                    else:  # the caller left: drop the data, a piece at a time
+                        scrap = memoryview(bytearray(min(p.length, _PIECE)))
+                        for pos in range(0, p.length, len(scrap)):
+                            await self._wire.recv_into(scrap[:min(len(scrap), p.length - pos)])
                 p.done.set()
         except _LOST as exc:
             self._fail_all(f"{self.status_name}: connection lost: {exc or type(exc).__name__}")
@@ -286,7 +296,7 @@ class NbdDevice(BlockDevice):
                     await self._request(nbd.Cmd.WRITE_ZEROES, offset + pos,
                                         min(_MAX_RANGE, length - pos), cmd_flags)
             else:
-                zeros = memoryview(bytes(min(step, length)))
+                zeros = _zeros()[:min(step, length)]
                 for pos in range(0, length, len(zeros)):
                     n = min(len(zeros), length - pos)
                     await self._request(nbd.Cmd.WRITE, offset + pos, n, cmd_flags,
@@ -295,3 +305,9 @@ class NbdDevice(BlockDevice):
             raise NotSupportedError(f"{self.status_name}: operation {op.name} not supported")
         if fua and not cmd_flags:
             await self._flush()
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    """:data:`_PIECE` zero bytes, shared by every device (never written to)."""
+    return memoryview(bytes(_PIECE))

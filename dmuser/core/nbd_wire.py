@@ -8,11 +8,12 @@ Shared by the client device (``nbd_device.py``) and the daemon's server
   part.  One task may send while another receives; two concurrent senders need
   a lock (both users hold one).
 * After :meth:`Wire.start_tls` every byte goes through TLS (``ssl``, TLS 1.2 or
-  later).  A plain wire makes the non-blocking socket calls itself, and waits
-  (``wait_readable``/``wait_writable``) only when the socket is not ready;
-  every call is a cancellation point, but it yields to other tasks only once
-  every :data:`_YIELD_EVERY` calls (trio's own socket yields on each, which
-  costs as much as the copy of a 256 KiB reply).
+  later), in pieces of at most :data:`_TLS_PIECE` (the copies ``ssl`` makes
+  stay that small whatever the payload).  A plain wire makes the non-blocking
+  socket calls itself, and waits (``wait_readable``/``wait_writable``) only
+  when the socket is not ready; every call is a cancellation point, but it
+  yields to other tasks only once every :data:`_YIELD_EVERY` calls (trio's own
+  socket yields on each, which costs as much as the copy of a 256 KiB reply).
 * The client :func:`handshake` of an ``nbds`` address sends ``NBD_OPT_STARTTLS``
   first and gives up if the server refuses it: it never falls back to plain
   text, so a TLS URI never carries data in the clear.
@@ -44,6 +45,9 @@ _SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 _RECV_AHEAD = 64 << 10
 #: a plain :class:`Wire` yields to the scheduler once every this many calls
 _YIELD_EVERY = 16
+#: the most a TLS :class:`Wire` hands to ``ssl`` at once: ``ssl`` copies (encrypts
+#: or decrypts) what it is given whole, so a 32 MiB payload would be copied whole
+_TLS_PIECE = 256 << 10
 
 
 def is_nbd_uri(word: str) -> bool:
@@ -186,7 +190,7 @@ class Wire:
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self._raw)
         else:  # receive_some never returns more than asked: nothing is left over
-            chunk = await self.tls.receive_some(len(view))
+            chunk = await self.tls.receive_some(min(len(view), _TLS_PIECE))
             n = len(chunk)
             view[:n] = chunk
         if n == 0:
@@ -220,7 +224,9 @@ class Wire:
         tls = self.tls
         if tls is not None:
             for part in parts:
-                await tls.send_all(part)
+                view = memoryview(part).cast("B")
+                for pos in range(0, len(view), _TLS_PIECE):
+                    await tls.send_all(view[pos:pos + _TLS_PIECE])
             return
         await self._turn()
         views = [memoryview(p).cast("B") for p in parts]  # one sendmsg: one wake-up

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from dmuser.core.bio import Bio, Op
 from dmuser.core.errors import DmIOError, NoSuchDeviceError
@@ -166,4 +167,38 @@ async def test_a_server_that_stops_answering_times_out(tmp_path: Path,
     await closed.wait()  # the client hung up
     with pytest.raises(DmIOError, match="no reply"):
         await dev.write(0, bytes(S))
+    dev.close()
+
+
+async def test_what_the_device_allocates_itself_comes_in_pieces(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Zeros for a server without WRITE_ZEROES go out as writes of at most 1 MiB; the
+    reply to a read whose caller gave up is dropped and the stream stays in step."""
+    big, piece = 3 << 20, 1 << 20
+    writes: list[tuple[int, int]] = []
+
+    async def script(sock: Sock) -> None:
+        abandoned, _ = await _request(sock)
+        assert abandoned.type == nbd.Cmd.READ and abandoned.length == big
+        while sum(n for _, n in writes) < big:
+            req, data = await _request(sock)
+            assert req.type == nbd.Cmd.WRITE and data == bytes(req.length)
+            writes.append((req.offset, req.length))
+            await sock.send_all(nbd.encode_simple_reply(req.handle))
+        await sock.send_all(nbd.encode_simple_reply(abandoned.handle), b"\x55" * big)
+        req, _ = await _request(sock)
+        await sock.send_all(nbd.encode_simple_reply(req.handle), b"\x07" * req.length)
+        assert (await _request(sock))[0].type == nbd.Cmd.DISC
+
+    dev = await NbdDevice.connect(await _serve(tmp_path, nursery, script, size=2 * big),
+                                  nursery)
+    untouched = bytearray(b"\xff" * big)
+    async with trio.open_nursery() as n:
+        n.start_soon(dev.submit, Bio.read(0, untouched))
+        await trio.testing.wait_all_tasks_blocked()
+        n.cancel_scope.cancel()  # the caller gives up; the request stays on the server
+    await dev.submit(Bio(Op.WRITE_ZEROES, 8, big // S))
+    assert writes == [(8 * S + pos, min(piece, big - pos)) for pos in range(0, big, piece)]
+    assert bytes(await dev.read(1, 1)) == b"\x07" * S  # after the dropped 3 MiB
+    assert untouched == b"\xff" * big
     dev.close()
