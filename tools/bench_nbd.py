@@ -14,7 +14,19 @@ table shows the median of ``--repeat``, at least 3):
 * ``read``   -- ``nbdcopy URI null:`` (page cache warm: the servers' cost, not
   the disk's), with ``--connections 1`` and with 4 connections (both servers
   advertise multi-conn for a read-only export);
-* ``write``  -- ``nbdcopy --flush SRC URI`` of other random bytes (one connection).
+* ``write``  -- ``nbdcopy --flush SRC URI`` of other random bytes (one connection);
+* ``write-32M`` -- the same with 4 connections and 32 MiB requests (the protocol's
+  largest, 4 in flight each); for dmuser to a second device, ``split``, over the
+  same file in two ``linear`` segments, so that every request takes a task and a
+  bio (no direct path) and the server's byte budget (``dmuser/nbd_budget.py``)
+  is what holds the requests back;
+* ``slow-32M`` -- dmuser only: the same writes to a third device, ``slow``, a
+  ``delay`` target whose writes wait 200 ms (a slow backing file): without the
+  byte budget the daemon would hold every request in flight (16 x 32 MiB).
+
+The dmuser daemon's peak RSS (``VmHWM``) over the whole run is printed; over
+``--rss-limit`` (default 256 MiB, the bound of ``docs/io-policy.md``, "Memory")
+the run exits 1.
 
 Beside the speed, the CPU time (user + system) each server spent per GB moved
 (``/proc/PID/stat``): less sensitive to a loaded machine than the speed.
@@ -42,6 +54,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -58,7 +72,26 @@ from dmuser import Client, DmuserError
 from dmuser.status import MirrorStatus
 
 MiB = 1 << 20
+#: the write delay of the ``slow`` device (milliseconds)
+SLOW_WRITE_MS = 200
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench() -> Any:
+    """tools/bench (the RSS limit and how to read a peak RSS), loaded once."""
+    if "dmuser_bench" in sys.modules:
+        return sys.modules["dmuser_bench"]
+    loader = importlib.machinery.SourceFileLoader(
+        "dmuser_bench", os.path.join(REPO, "tools", "bench"))
+    spec = importlib.util.spec_from_loader("dmuser_bench", loader)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["dmuser_bench"] = mod
+    loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
 
 
 class BenchError(Exception):
@@ -216,17 +249,28 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         srv.dmuser("create", "vol", "--table", f"0 {size // 512} linear {image} 0")
         dm_ro = srv.dmuser("export", "vol", "unix:ro.sock", "--read-only").stdout.strip()
         dm_rw = srv.dmuser("export", "vol", "unix:rw.sock").stdout.strip()
+        half = size // 1024
+        srv.dmuser("create", "split", "--table",
+                   f"0 {half} linear {image} 0; {half} {half} linear {image} {half}")
+        dm_split = srv.dmuser("export", "split", "unix:split.sock").stdout.strip()
+        srv.dmuser("create", "slow", "--table",
+                   f"0 {size // 512} delay {image} 0 0 {image} 0 {SLOW_WRITE_MS}")
+        dm_slow = srv.dmuser("export", "slow", "unix:slow.sock").stdout.strip()
         qro, qrw = os.path.join(workdir, "q-ro.sock"), os.path.join(workdir, "q-rw.sock")
         qemu_ro = srv.start_qemu_nbd(image, qro, read_only=True)
         qemu_rw = srv.start_qemu_nbd(image, qrw, read_only=False)
-        uris = {"dmuser": (dm_ro, dm_rw),
-                "qemu-nbd": (f"nbd+unix:///vol?socket={qro}", f"nbd+unix:///vol?socket={qrw}")}
+        q_rw = f"nbd+unix:///vol?socket={qrw}"
+        uris = {"dmuser": (dm_ro, dm_rw, dm_split),
+                "qemu-nbd": (f"nbd+unix:///vol?socket={qro}", q_rw, q_rw)}
         pids = {"dmuser": (srv.procs[0].pid, srv.procs[0].pid),
                 "qemu-nbd": (qemu_ro.pid, qemu_rw.pid)}
         warm(image)
-        jobs = {"read-1conn": lambda ro, rw: ("nbdcopy", "-C", "1", ro, "null:"),
-                "read-4conn": lambda ro, rw: ("nbdcopy", "-C", "4", ro, "null:"),
-                "write-1conn": lambda ro, rw: ("nbdcopy", "-C", "1", "--flush", src, rw)}
+        big_writes = ("nbdcopy", "-C", "4", "--requests", "4", "--request-size", str(32 * MiB),
+                      "--queue-size", str(128 * MiB), "--flush", src)
+        jobs = {"read-1conn": lambda ro, rw, big: ("nbdcopy", "-C", "1", ro, "null:"),
+                "read-4conn": lambda ro, rw, big: ("nbdcopy", "-C", "4", ro, "null:"),
+                "write-1conn": lambda ro, rw, big: ("nbdcopy", "-C", "1", "--flush", src, rw),
+                "write-32M": lambda ro, rw, big: (*big_writes, big)}
         for rep in range(args.repeat):
             for job, cmd in jobs.items():
                 for server in rotate(list(uris), rep):
@@ -236,8 +280,11 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                     results.setdefault(job, {}).setdefault(server, []).append(mb / secs)
                     results.setdefault(job + "-cpu", {}).setdefault(server, []).append(
                         (cpu_seconds(pid) - cpu0) / (mb / 1000))
-        srv.dmuser("unexport", "vol")
-        srv.dmuser("remove", "vol")
+            secs = timed(*big_writes, dm_slow)
+            results.setdefault("slow-32M", {}).setdefault("dmuser", []).append(mb / secs)
+        for dev in ("vol", "split", "slow"):
+            srv.dmuser("unexport", dev)
+            srv.dmuser("remove", dev)
 
         # remote resync: leg 1 on qemu-nbd, beside nbdcopy of the same bytes
         leg1 = os.path.join(workdir, "leg1.img")
@@ -262,23 +309,32 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                             client.remove("m")
                 write_back(leg1)
                 results.setdefault("resync", {}).setdefault(how, []).append(mb / secs)
+        peak = bench.peak_rss_kib([pids["dmuser"][0]])
     finally:
         srv.stop()
     return {job: {k: statistics.median(v) for k, v in by.items()} | {"runs": by}
-            for job, by in results.items()}
+            for job, by in results.items()} | {"peak_rss_kib": peak}
 
 
-def report(res: dict[str, Any], size_mib: int, repeat: int) -> None:
+def report(res: dict[str, Any], size_mib: int, repeat: int, rss_limit: int) -> bool:
+    """Print the table; False if the daemon's peak RSS is over ``rss_limit`` MiB."""
     print(f"NBD, {size_mib} MiB, median of {repeat} (MB/s; ratio = dmuser / baseline; "
           "server CPU seconds per GB)")
-    for job in ("read-1conn", "read-4conn", "write-1conn"):
+    for job in ("read-1conn", "read-4conn", "write-1conn", "write-32M"):
         d, q = res[job]["dmuser"], res[job]["qemu-nbd"]
         dc, qc = res[job + "-cpu"]["dmuser"], res[job + "-cpu"]["qemu-nbd"]
         print(f"  {job:<12} dmuser {d:8.0f}   qemu-nbd {q:8.0f}   ratio {d / q:5.2f}"
               f"   cpu s/GB dmuser {dc:5.2f} qemu-nbd {qc:5.2f}")
+    print(f"  {'slow-32M':<12} dmuser {res['slow-32M']['dmuser']:8.0f}   (4 connections of "
+          f"32 MiB writes to a delay device, writes waiting {SLOW_WRITE_MS} ms)")
     r, c = res["resync"]["dmuser-resync"], res["resync"]["nbdcopy"]
     print(f"  {'resync':<12} dmuser {r:8.0f}   nbdcopy  {c:8.0f}   ratio {r / c:5.2f}"
           "   (mirror resync onto a qemu-nbd leg vs nbdcopy of the same bytes)")
+    kib = res["peak_rss_kib"]
+    over = kib is not None and kib > rss_limit * 1024
+    print(f"  dmuser daemon peak RSS: {f'{kib / 1024:.0f} MiB' if kib else 'unknown'}"
+          + (f"  OVER THE {rss_limit} MiB BOUND" if over else f" (bound {rss_limit} MiB)"))
+    return not over
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="interpreter that runs the dmuser daemon")
     p.add_argument("--dir", help="work directory (default: a new one under /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="save all results to FILE")
+    p.add_argument("--rss-limit", type=int, default=bench.RSS_LIMIT_MIB, metavar="MIB",
+                   help="fail if the dmuser daemon's peak RSS exceeds this (default "
+                   f"{bench.RSS_LIMIT_MIB})")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     if args.repeat < 3:
@@ -308,12 +367,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench nbd: {exc}", file=sys.stderr)
             return 1
     size_mib = 64 if args.quick else args.size_mib
-    report(res, size_mib, args.repeat)
+    within = report(res, size_mib, args.repeat, args.rss_limit)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size_mib": size_mib, "repeat": args.repeat, "results": res}, f,
                       indent=2)
-    return 0
+    if not within:
+        print(f"bench nbd: the dmuser daemon's peak RSS is over the {args.rss_limit} MiB "
+              "bound (docs/io-policy.md, \"Memory\")", file=sys.stderr)
+    return 0 if within else 1
 
 
 @contextlib.contextmanager
