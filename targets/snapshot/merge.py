@@ -39,6 +39,7 @@ from dmuser.services.dm_io import Region
 from dmuser.targets.snapshot.exception_table import ExceptionTableError
 from dmuser.targets.snapshot.handover import find_sharing_cow
 from dmuser.targets.snapshot.registry import do_origin, lookup_origin, origin_write_nowait
+from dmuser.targets.snapshot.snap import PendingException, start_copies
 from dmuser.targets.snapshot.snapshot import SnapshotTarget
 from dmuser.targets.snapshot.store import StoreError
 
@@ -133,10 +134,13 @@ class SnapshotMergeTarget(SnapshotTarget):
         origin = lookup_origin(self.snap.origin)
         while origin is not None:  # other snapshots copy out the range first
             min_chunk = origin.min_chunk_size()
-            waits = []
+            waits: list[PendingException] = []
+            fresh: list[PendingException] = []
             for offset in range(0, count, min_chunk):
                 waits += origin_write_nowait(list(origin.snapshots), dest_sector + offset,
-                                             with_bio=False)
+                                             fresh)
+            if fresh:
+                start_copies(fresh)
             if not waits:
                 break
             for pe in waits:

@@ -23,7 +23,7 @@ from typing import Any
 from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
 from dmuser.targets.snapshot.held import HeldWrites
-from dmuser.targets.snapshot.snap import PendingException, Snapshot
+from dmuser.targets.snapshot.snap import PendingException, Snapshot, start_copies
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,16 @@ def drop_origin_if_unused(origin: Origin) -> None:
 
 
 def origin_write_nowait(snapshots: Iterable[Snapshot], sector: int,
-                        with_bio: bool = True) -> list[PendingException]:
-    """``__origin_write``: start the copy-outs a write at ``sector`` needs.
+                        fresh: list[PendingException]) -> list[PendingException]:
+    """``__origin_write``: the copy-outs a write at ``sector`` needs.
 
     Never blocks.  Returns the pending exceptions the write must wait for
-    (empty: it may go to the origin now).  With ``with_bio`` the first new
-    copy is started last, to give the others a head start, as the kernel does.
+    (empty: it may go to the origin now).  Exceptions it allocates are marked
+    started and appended to ``fresh``: the caller starts their copies once it
+    has looked at every chunk of the write (:func:`~.snap.start_copies`:
+    consecutive chunks become one job).
     """
     waits: list[PendingException] = []
-    start_last: PendingException | None = None
     for snap in snapshots:
         if snap.is_merge or not snap.active or not snap.valid or sector >= snap.dev_end:
             continue
@@ -101,15 +102,9 @@ def origin_write_nowait(snapshots: Iterable[Snapshot], sector: int,
             if pe is None:
                 continue
         waits.append(pe)
-        if pe.started:
-            continue
-        if with_bio and start_last is None:
-            start_last = pe
+        if not pe.started:
             pe.started = True
-        else:
-            snap.start_copy(pe)
-    if start_last is not None:
-        start_last.snap.start_copy(start_last, already_marked=True)
+            fresh.append(pe)
     return waits
 
 
@@ -161,8 +156,11 @@ def collect_copies(origin: Origin, start: int, end: int) -> list[PendingExceptio
         return []
     step = origin.min_chunk_size()
     waits: list[PendingException] = []
+    fresh: list[PendingException] = []
     for sector in (start, *range((start // step + 1) * step, end, step)):
-        waits.extend(origin_write_nowait(snaps, sector))
+        waits.extend(origin_write_nowait(snaps, sector, fresh))
+    if fresh:
+        start_copies(fresh)
     return waits
 
 

@@ -27,7 +27,7 @@ from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError
 from dmuser.services.dm_io import Region
-from dmuser.targets.snapshot.snap import PendingException, Snapshot
+from dmuser.targets.snapshot.snap import PendingException, Snapshot, follows
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def plan(snap: Snapshot, bio: Bio, tracked: list[int]) -> list[Awaitable[None]]:
             return [snap.cow.submit(piece)]
     remaps: list[list[Any]] = []  # [dev, dev_sector, bio_sector, nr]
     jobs: list[Awaitable[None]] = []
+    full: list[PendingException] = []  # fresh chunks the write covers whole, from full_sector
+    full_sector = 0
     while sector < end:
         chunk = sector >> shift
         nr = min(end, (chunk + 1) << shift) - sector
@@ -71,8 +73,22 @@ def plan(snap: Snapshot, bio: Bio, tracked: list[int]) -> list[Awaitable[None]]:
             else:
                 remaps.append([dev, dev_sector, sector, nr])
         else:
-            jobs.append(_plan_write(snap, bio, chunk, sector, nr))
+            pe = snap.pending.get(chunk) or _new_for_write(snap, chunk)
+            if pe is None:
+                jobs.append(_fail_after_drop(snap, "snapshot COW device is full"))
+            elif not pe.started and nr == cs:  # the write is the copy: one per run
+                pe.started = True
+                if full and follows(full[-1], pe):
+                    full.append(pe)
+                else:
+                    if full:
+                        jobs.append(_write_run(snap, bio, full_sector, full))
+                    full, full_sector = [pe], sector
+            else:
+                jobs.append(_plan_write(snap, bio, pe, sector, nr))
         sector += nr
+    if full:
+        jobs.append(_write_run(snap, bio, full_sector, full))
     for dev, dev_sector, bio_sector, nr in remaps:
         piece = bio.clone(bio_sector, nr)
         piece.sector = dev_sector
@@ -80,10 +96,10 @@ def plan(snap: Snapshot, bio: Bio, tracked: list[int]) -> list[Awaitable[None]]:
     return jobs
 
 
-def _plan_write(snap: Snapshot, bio: Bio, chunk: int, sector: int, nr: int,
-                ) -> Awaitable[None]:
-    """A write to a chunk without a completed exception (dm-spec §4.7 step 9)."""
-    pe = snap.pending.get(chunk) or snap.new_pending(chunk)
+def _new_for_write(snap: Snapshot, chunk: int) -> PendingException | None:
+    """Allocate a pending exception for a snapshot write; None if the COW is full
+    (``PO``: ``Overflow``, else the snapshot is invalidated)."""
+    pe = snap.new_pending(chunk)
     if pe is None:
         if snap.store.overflow_ok:
             if snap.valid and not snap.overflowed:
@@ -91,16 +107,29 @@ def _plan_write(snap: Snapshot, bio: Bio, chunk: int, sector: int, nr: int,
                 log.error("Snapshot overflowed: Unable to allocate exception.")
         else:
             snap.invalidate(errno.ENOMEM)
-        return _fail_after_drop(snap, "snapshot COW device is full")
-    cs = snap.store.chunk_size
+    return pe
+
+
+def _plan_write(snap: Snapshot, bio: Bio, pe: PendingException, sector: int, nr: int,
+                ) -> Awaitable[None]:
+    """A write to part of a chunk without a completed exception (dm-spec §4.7
+    step 9): start the copy if needed, wait for the commit, then write."""
     piece = bio.clone(sector, nr)
-    piece.sector = pe.new_chunk * cs + (sector & snap.store.chunk_mask)
-    if not pe.started and nr == cs:
-        snap.start_full_bio(pe, piece)
-        return _wait_pending(pe, None, None)
+    piece.sector = pe.new_chunk * snap.store.chunk_size + (sector & snap.store.chunk_mask)
     if not pe.started:
-        snap.start_copy(pe)
-    return _wait_pending(pe, snap.cow, piece)
+        snap.start_copy((pe,))
+    return _wait_pending((pe,), snap.cow, piece)
+
+
+def _write_run(snap: Snapshot, bio: Bio, sector: int, run: list[PendingException],
+               ) -> Awaitable[None]:
+    """Fresh chunks the write covers whole (a run, ``snap.follows``): the write is
+    their copy, one COW write for the run; then wait for their commits."""
+    cs = snap.store.chunk_size
+    piece = bio.clone(sector, len(run) * cs)
+    piece.sector = run[0].new_chunk * cs
+    snap.start_full_bio(run, piece)
+    return _wait_pending(run, None, None)
 
 
 async def _fail_after_drop(snap: Snapshot, text: str) -> None:
@@ -108,10 +137,12 @@ async def _fail_after_drop(snap: Snapshot, text: str) -> None:
     raise DmIOError(text)
 
 
-async def _wait_pending(pe: PendingException, dev: BlockDevice | None, piece: Bio | None) -> None:
-    """Wait for the exception's commit, then send the queued snapshot bio to the COW."""
-    await pe.snap.wait_committed(pe)
-    if pe.error:
+async def _wait_pending(pes: Sequence[PendingException], dev: BlockDevice | None,
+                        piece: Bio | None) -> None:
+    """Wait for the exceptions' commits, then send the queued snapshot bio to the COW."""
+    for pe in pes:
+        await pe.snap.wait_committed(pe)
+    if any(pe.error for pe in pes):
         raise DmIOError("snapshot exception failed")
     if dev is not None and piece is not None:
         await dev.submit(piece)

@@ -10,7 +10,8 @@ only after every copy, kcopyd job, kcopyd callback and helper task has
 finished.  Nothing outlives the target.
 
 Copy-outs go through kcopyd (:meth:`Service.copy`): one job per copy-out
-on the service's :class:`~dmuser.services.kcopyd.KcopydClient`, whose callback worker
+(a run of consecutive chunks, ``snap.start_copies``) on the service's
+:class:`~dmuser.services.kcopyd.KcopydClient`, whose callback worker
 awaits the caller's completion (the snapshot's ordered commit loop), as the
 kernel runs ``copy_callback`` in kcopyd's thread.  kcopyd gives the
 guarantees a copy-out needs: plain writes (no flush, no FUA), a failed read

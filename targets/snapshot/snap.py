@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -71,6 +71,37 @@ class PendingException:
     copy_error: bool = False
     error: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+
+
+def follows(prev: PendingException, pe: PendingException) -> bool:
+    """``pe`` extends a run ending with ``prev``: same snapshot, allocated next,
+    next origin chunk, next COW chunk (so no metadata area lies between)."""
+    return pe.seq == prev.seq + 1 and pe.snap is prev.snap \
+        and pe.old_chunk == prev.old_chunk + 1 and pe.new_chunk == prev.new_chunk + 1
+
+
+def start_copies(fresh: Sequence[PendingException]) -> None:
+    """Start the copies of newly allocated pending exceptions, in allocation order,
+    one kcopyd job per run (:meth:`Snapshot.start_copy`).
+
+    A run is a maximal sequence of exceptions of one snapshot, allocated one
+    after the other (consecutive sequence numbers), with consecutive origin
+    chunks and consecutive COW chunks: a write spanning several chunks
+    becomes one read and one write per snapshot, except where the COW
+    allocation skips a metadata area (the COW chunks are then not
+    consecutive, so a run never crosses an area).
+    """
+    runs: dict[Snapshot, list[PendingException]] = {}
+    for pe in fresh:
+        run = runs.get(pe.snap)
+        if run is not None:
+            if follows(run[-1], pe):
+                run.append(pe)
+                continue
+            pe.snap.start_copy(run)
+        runs[pe.snap] = [pe]
+    for snap, run in runs.items():
+        snap.start_copy(run)
 
 
 class Snapshot:
@@ -153,23 +184,36 @@ class Snapshot:
             self.invalidate(errno.ENOMEM)
         return pe
 
-    def start_copy(self, pe: PendingException, already_marked: bool = False) -> None:
-        """Start copying the origin chunk to its COW chunk (``start_copy``); never blocks."""
-        assert already_marked or not pe.started
-        pe.started = True
-        self.in_progress += 1
-        cs = self.store.chunk_size
-        src = pe.old_chunk * cs
-        count = max(0, min(cs, self.origin.nr_sectors - src))
-        if not self.service.copy(Region(self.origin, src, count),
-                                 Region(self.cow, pe.new_chunk * cs, count),
-                                 lambda failed: self._copy_done(pe, failed)):
-            self._lost(pe)
+    def start_copy(self, run: Sequence[PendingException]) -> None:
+        """Copy a run of origin chunks to their COW chunks as one kcopyd job
+        (``start_copy``, batched); never blocks.
 
-    def start_full_bio(self, pe: PendingException, piece: Bio) -> None:
-        """The snapshot write covers the whole chunk: it is the copy (``start_full_bio``)."""
-        pe.started = True
-        self.in_progress += 1
+        ``run``: pending exceptions of this snapshot with consecutive origin
+        chunks and consecutive COW chunks (so the run crosses no metadata
+        area), in allocation order (:func:`start_copies` cuts them).  Their
+        copy ends together: one failure fails them all, which invalidates
+        the snapshot just as one failed per-chunk copy does.
+        """
+        first = run[0]
+        for pe in run:
+            pe.started = True
+        self.in_progress += len(run)
+        cs = self.store.chunk_size
+        src = first.old_chunk * cs
+        count = max(0, min(cs * len(run), self.origin.nr_sectors - src))
+        if not self.service.copy(Region(self.origin, src, count),
+                                 Region(self.cow, first.new_chunk * cs, count),
+                                 lambda failed: self._copy_done(run, failed)):
+            for pe in run:
+                self._lost(pe)
+
+    def start_full_bio(self, run: Sequence[PendingException], piece: Bio) -> None:
+        """The snapshot write covers the run's chunks whole: it is their copy
+        (``start_full_bio``), one COW write for the run (a run as in
+        :meth:`start_copy`)."""
+        for pe in run:
+            pe.started = True
+        self.in_progress += len(run)
 
         async def write() -> None:
             failed = False
@@ -177,10 +221,11 @@ class Snapshot:
                 await self.cow.submit(piece)
             except DmIOError:
                 failed = True
-            await self._copy_done(pe, failed)
+            await self._copy_done(run, failed)
 
         if not self.service.start_io(write):
-            self._lost(pe)
+            for pe in run:
+                self._lost(pe)
 
     def _lost(self, pe: PendingException) -> None:
         """The service is gone (target closing): fail the exception and the snapshot."""
@@ -191,15 +236,16 @@ class Snapshot:
         pe.error = True
         pe.done.set()
 
-    async def _copy_done(self, pe: PendingException, failed: bool) -> None:
-        """A copy (or full-chunk write) ended: commit, in allocation order.
+    async def _copy_done(self, run: Sequence[PendingException], failed: bool) -> None:
+        """A copy (or full-chunk write) of ``run`` ended: commit, in allocation order.
 
         Runs in the kcopyd callback worker (a copy) or in the full-chunk
         write's service task.
         """
-        self.copy_finished()
-        pe.copy_error = failed
-        self._out_of_order[pe.seq] = pe
+        self.copy_finished(len(run))
+        for pe in run:
+            pe.copy_error = failed
+            self._out_of_order[pe.seq] = pe
         await self._run_commits()
 
     def _must_write(self, upto: int) -> bool:
@@ -338,9 +384,9 @@ class Snapshot:
         if self._dropped is not None:
             await self._dropped.wait()
 
-    def copy_finished(self) -> None:
-        """A copy (or full-chunk write, or zeroing) counted in ``in_progress`` ended."""
-        self.in_progress -= 1
+    def copy_finished(self, n: int = 1) -> None:
+        """``n`` copies (or full-chunk writes, or zeroings) counted in ``in_progress`` ended."""
+        self.in_progress -= n
         self._progress.set()
         self._progress = trio.Event()
 
