@@ -328,10 +328,16 @@ class PersistentStore(ExceptionStore):
     # -- invalidation and usage --------------------------------------------------------
 
     async def drop_snapshot(self) -> None:
-        """Mark invalid in memory and in the header (plain write; failure is only logged)."""
+        """Mark invalid in memory and in the header; failure is only logged.
+
+        The header goes with FUA (the kernel's is a plain write): origin writes the
+        invalidation releases (held ones, and those that no longer copy out) are sent
+        only after this returns, so a crash can never leave them on disk under a header
+        that still says valid, a snapshot that would load with pre-crash data silently
+        overwritten."""
         self.valid = False
         try:
-            await self._write_header()
+            await self._write_chunk(0, encode_header(self.valid, self.chunk_size), ReqFlag.FUA)
         except DmIOError:
             log.error("write header failed")
 

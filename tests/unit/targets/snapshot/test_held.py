@@ -220,6 +220,11 @@ async def test_invalidation_releases_held_writes() -> None:
             assert env.devs["base"].buf[chunk * 8 * 512] == chunk + 1  # type: ignore[attr-defined]
         with pytest.raises(DmIOError):
             await snap.read(0, 8)
+        # the header saying invalid is durable (FUA) before any released write reaches
+        # the origin: a crash cannot leave them under a header that still says valid
+        w = writes(env)
+        header = w.index(("cow", 0, 8, True))
+        assert header < min(i for i, e in enumerate(w) if e[0] == "base")
     finally:
         await env.close()
 
