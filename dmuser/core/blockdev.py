@@ -11,8 +11,10 @@ I/O policy (measured by ``tools/bench_inline.py``, written down in
 ``docs/io-policy.md``): ``pread``/``pwrite`` of at most
 :data:`IoPolicy.inline_max_bytes` (default 1 MiB, the largest request FUSE
 sends; ``Config.inline_max_bytes`` sets it) run inline in the trio thread,
-larger ones and every ``fdatasync``, discard and zero-out run in a worker
-thread under the policy's limiter (one policy, so one limiter, per daemon).  An inline call is a
+larger ones, discard and zero-out run in a worker thread under the policy's
+limiter (one policy, so one limiter, per daemon).  An ``fdatasync`` (and a
+flagged read/write) runs inline only while the daemon is idle
+(:meth:`IoPolicy.sync`), else in a worker thread.  An inline call is a
 cancellation point but yields to the scheduler only once every
 :data:`IoPolicy.yield_every` calls, so a loop of inline I/O cannot starve the
 other tasks.  A thread that has started a write is never abandoned on
@@ -25,7 +27,9 @@ writes the data with ``RWF_DSYNC`` (that range and the metadata to reach it
 are durable when the write returns: the kernel's FUA), falling back to
 ``fdatasync`` after the write where RWF_DSYNC is refused; an empty flush is
 just ``fdatasync``.  A read or write carrying PREFLUSH or FUA runs as one
-worker-thread call (flush, I/O and sync together: one hand-off, not three).
+call (flush, I/O and sync together): inline while the daemon is idle, like an
+empty flush (:meth:`IoPolicy.sync`), else one worker-thread call (one
+hand-off, not three).
 """
 
 from __future__ import annotations
@@ -71,15 +75,18 @@ class IoPolicy:
     share one worker-thread limiter.
     """
 
-    __slots__ = ("inline_max_bytes", "limiter", "yield_every", "_inline_calls")
+    __slots__ = ("inline_flush", "inline_max_bytes", "limiter", "yield_every", "_inline_calls",
+                 "_syncs")
 
     def __init__(self, config: Config | None = None) -> None:
         config = config or Config()
         self.inline_max_bytes = config.inline_max_bytes
+        self.inline_flush = config.inline_flush
         self.limiter = trio.CapacityLimiter(config.io_threads)
         #: an inline call yields to the trio scheduler once every this many calls
         self.yield_every = config.inline_yield_every
         self._inline_calls = 0
+        self._syncs = 0  # sync() calls in progress
 
     async def inline_turn(self) -> None:
         """The scheduling part of one inline syscall: a cancellation point, and a
@@ -91,6 +98,32 @@ class IoPolicy:
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)``, a call that waits for the disk (``fdatasync``, a
+        flagged write): inline if the daemon is idle, else in a worker thread.
+
+        With ``inline_flush`` on, the call first yields once, so that every task
+        that is ready runs (and a concurrent sync, such as a mirror's other leg,
+        registers itself).  If this is then the only sync in progress, no
+        worker-thread call of this policy is running and no other task is ready,
+        the trio thread would only wait for the disk anyway: the call runs inline,
+        which saves the thread hand-off and the wake-up after it (~100-200 us,
+        more under load; ``docs/io-policy.md``, "Flushes").  A request that
+        arrives during an inline sync waits for it.  Concurrent syncs find each
+        other and go to threads, so they still overlap.  Either way the call is a
+        cancellation point and a started call is never abandoned.
+        """
+        self._syncs += 1
+        try:
+            if self.inline_flush:
+                await trio.lowlevel.checkpoint()
+                if self._syncs == 1 and not self.limiter.borrowed_tokens \
+                        and not trio.lowlevel.current_statistics().tasks_runnable:
+                    return fn(*args)
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        finally:
+            self._syncs -= 1
 
     async def run(self, fn: Callable[..., _T], *args: Any, nbytes: int = 1 << 30) -> _T:
         """Run a blocking syscall inline or in a worker thread (never abandoned)."""
@@ -234,9 +267,12 @@ class FileDevice(BlockDevice):
             flags = bio.flags
             if flags and data is not None and (bio.op is Op.READ or bio.op is Op.WRITE) \
                     and flags & (ReqFlag.PREFLUSH | ReqFlag.FUA):
-                # Never abandoned on cancellation: a started write is finished.
-                await trio.to_thread.run_sync(self._submit_blocking, bio,
-                                              limiter=self.policy.limiter)
+                if len(data) > self.policy.inline_max_bytes:
+                    # Never abandoned on cancellation: a started write is finished.
+                    await trio.to_thread.run_sync(self._submit_blocking, bio,
+                                                  limiter=self.policy.limiter)
+                else:
+                    await self.policy.sync(self._submit_blocking, bio)
             elif flags or data is None or len(data) > self.policy.inline_max_bytes or self.fd < 0:
                 await self._submit(bio)
             elif bio.op is Op.READ:  # the hot path: a plain read or write run inline
@@ -300,7 +336,7 @@ class FileDevice(BlockDevice):
             raise DmIOError(f"{self.status_name}: device closed", errno.EBADF)
         flags = bio.flags  # tested for truth first: IntFlag '&' costs ~1 us
         if flags and flags & ReqFlag.PREFLUSH:
-            await self.policy.run(os.fdatasync, fd)
+            await self.policy.sync(os.fdatasync, fd)
         offset = bio.sector << SECTOR_SHIFT
         length = bio.nr_sectors << SECTOR_SHIFT
         op = bio.op
@@ -318,7 +354,7 @@ class FileDevice(BlockDevice):
         elif op is not Op.FLUSH:
             raise NotSupportedError(f"{self.status_name}: operation {op.name} not supported")
         if flags and flags & ReqFlag.FUA and length:
-            await self.policy.run(os.fdatasync, fd)
+            await self.policy.sync(os.fdatasync, fd)
 
     async def _discard(self, offset: int, length: int) -> None:
         if self.is_block:

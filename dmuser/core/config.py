@@ -15,6 +15,7 @@ Each field ``name`` is set by ``dmuser serve --name-with-dashes``, else by
 | ``inline_max_bytes`` | 1 MiB | largest syscall run inline in the trio thread |
 | ``io_threads`` | 16 | worker threads for blocking syscalls |
 | ``inline_yield_every`` | 16 | inline syscalls between scheduler yields |
+| ``inline_flush`` | on | an ``fdatasync`` runs inline while nothing else is runnable |
 | ``mirror_clean_delay`` | 5.0 s | idle time before a mirror region is marked clean |
 | ``resync_throttle`` | 100 % | mirror resync's share of time with I/O in flight |
 | ``snapshot_copy_pool_pages`` | 4096 | memory for a snapshot's copy-outs in flight |
@@ -67,12 +68,16 @@ class Config:
     """The daemon's tunables; see the module docstring for options and variables."""
 
     inline_max_bytes: int = _tunable(
-        1 << 20, "largest pread/pwrite run inline in the trio thread; larger ones, and "
-        "every fdatasync, go to a worker thread (docs/io-policy.md)")
+        1 << 20, "largest pread/pwrite run inline in the trio thread; larger ones go to "
+        "a worker thread (docs/io-policy.md)")
     io_threads: int = _tunable(
         16, "worker threads for blocking syscalls (one limiter per daemon)", minimum=1)
     inline_yield_every: int = _tunable(
         16, "an inline syscall yields to the scheduler once every this many calls", minimum=1)
+    inline_flush: bool = _tunable(
+        True, "run an fdatasync (flush, FUA) inline in the trio thread when no other task "
+        "is runnable and no worker thread busy; off: always in a worker thread "
+        "(docs/io-policy.md)")
     mirror_clean_delay: float = _tunable(
         5.0, "seconds a mirror region stays marked dirty after its last write; 0 is the "
         "kernel's behaviour (cleaned at the next pass)")
