@@ -14,7 +14,10 @@ device, ``st_dev``/``st_ino`` of a file), reference counted by the tables'
   re-taken; a second mapped device on the same device shares it, as the
   kernel's dm shares its one holder;
 * a device already open here is found by ``stat`` before any open, because a
-  second ``O_EXCL`` open of it would fail.
+  second ``O_EXCL`` open of it would fail;
+* a file or device whose storage leads into a FUSE file system (``reentry.py``)
+  gets a threads-only I/O policy: no syscall of it runs in the trio thread, where
+  it could wait for a FUSE request only that thread would serve.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import stat
 
 from dmuser.core.blockdev import FileDevice, IoPolicy
+from dmuser.core.reentry import reaches_fuse
 
 
 class BackingFiles(dict[tuple[int, ...], tuple[FileDevice, int]]):
@@ -40,6 +44,8 @@ class BackingFiles(dict[tuple[int, ...], tuple[FileDevice, int]]):
             if entry is not None:
                 self[key] = (entry[0], entry[1] + 1)
                 return entry[0]
+        if st is not None and reaches_fuse(path):
+            policy = policy.threads_only()  # an inline fdatasync could wait for ourselves
         dev = FileDevice(path, policy, exclusive=st is not None and stat.S_ISBLK(st.st_mode))
         self[dev.key] = (dev, 1)
         return dev

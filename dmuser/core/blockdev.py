@@ -34,6 +34,7 @@ hand-off, not three).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import errno
@@ -87,6 +88,14 @@ class IoPolicy:
         self.yield_every = config.inline_yield_every
         self._inline_calls = 0
         self._syncs = 0  # sync() calls in progress
+
+    def threads_only(self) -> IoPolicy:
+        """This policy for a file whose syscalls may wait for FUSE, maybe for this
+        daemon (``core/reentry.py``): every call in a worker thread, nothing inline,
+        under the same limiter."""
+        twin = copy.copy(self)
+        twin.inline_max_bytes, twin.inline_flush = -1, False
+        return twin
 
     async def inline_turn(self) -> None:
         """The scheduling part of one inline syscall: a cancellation point, and a
