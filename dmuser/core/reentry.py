@@ -73,8 +73,9 @@ def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
 class Walk:
     """One question, with the mount table read once."""
 
-    def __init__(self, sys_root: str = "/sys", mountinfo: str = "/proc/self/mountinfo") -> None:
-        self.sys_root = sys_root
+    def __init__(self, sys_root: str = "/sys", mountinfo: str = "/proc/self/mountinfo",
+                 dev_dir: str = "/dev/") -> None:
+        self.sys_root, self.dev_dir = sys_root, dev_dir
         self.mounts = read_mounts(mountinfo)
 
     def file(self, path: str) -> bool:
@@ -94,7 +95,7 @@ class Walk:
             return True
         if devno[0] != 0:
             return self.block(devno, depth)
-        if mount is not None and mount.source.startswith("/dev/"):
+        if mount is not None and mount.source.startswith(self.dev_dir):
             try:
                 rdev = os.stat(mount.source).st_rdev
             except OSError:
