@@ -12,7 +12,7 @@ address.  Guarantees:
   ``nbd_session.MAX_IN_FLIGHT`` per connection), so requests complete in any order, as
   the protocol allows; replies are written whole, one at a time.
 * **Memory.** The payloads of all connections together stay within
-  :attr:`NbdServer.budget` (``nbd_budget.NBD_BUDGET``, 64 MiB); past it the
+  :attr:`NbdServer.budget` (``nbd_session.BUDGET_PAGES``, 64 MiB); past it the
   connections stop reading requests until replies are sent (``nbd_session.py``).
   ``NBD_CMD_FLUSH`` is an empty flush bio: every write *completed* (replied to)
   before it is durable when its reply comes.  ``NBD_CMD_FLAG_FUA`` is
@@ -52,8 +52,8 @@ from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_wire import Wire
 from dmuser.formats import nbd
-from dmuser.nbd_budget import ByteBudget
-from dmuser.nbd_session import GONE, Conn, Export, Found, handshake, transmission
+from dmuser.nbd_session import BUDGET_PAGES, GONE, Conn, Export, Found, handshake, transmission
+from dmuser.services.dm_io_mem import PagePool
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ class NbdServer:
         self.mgr = mgr
         self.listeners: dict[str, _Listener] = {}
         self.nursery: trio.Nursery | None = None
-        #: the payload bytes all connections may hold together (``nbd_budget.py``)
-        self.budget = ByteBudget()
+        #: the payload pages all connections may hold together (``nbd_session.py``)
+        self.budget = PagePool(BUDGET_PAGES)
         _SERVERS[mgr] = self
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

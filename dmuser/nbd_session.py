@@ -6,8 +6,10 @@ own, at most :data:`MAX_IN_FLIGHT` per connection, except plain aligned reads
 and writes that the device's direct path (the FUSE file's) completes at once,
 answered by the reading loop itself (:func:`_direct`); replies go out whole,
 one at a time, in the order the requests complete.  Memory: a request's payload
-is charged to the daemon's :class:`~dmuser.nbd_budget.ByteBudget` (and to the
-connection's share of it, :data:`CONN_SHARE`) before it is read or allocated,
+is charged, in pages, to the daemon's NBD page pool (:data:`BUDGET_PAGES`, a
+dm-io :class:`~dmuser.services.dm_io_mem.PagePool`: waiters served in arrival
+order) and to the connection's share of it (:data:`CONN_SHARE`) before it is
+read or allocated,
 and returned once its reply is sent; while either is used up the connection
 reads no further request (TCP holds the client back).  Stopping a connection
 (:meth:`Conn.stop`) stops reading requests; those in flight finish and are
@@ -34,13 +36,15 @@ from dmuser.core.bio import Bio, Op, ReqFlag
 from dmuser.core.errors import DmError, DmIOError, NotSupportedError
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.nbd_wire import Wire
-from dmuser.core.units import SECTOR_SHIFT, SECTOR_SIZE
+from dmuser.core.units import PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE
 from dmuser.formats import nbd
-from dmuser.nbd_budget import ByteBudget
+from dmuser.services.dm_io_mem import PagePool
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+#: the payload pages every NBD connection of the daemon may hold at once (64 MiB)
+BUDGET_PAGES = (64 << 20) // PAGE_SIZE
 #: one connection holds at most 1/CONN_SHARE of the daemon's budget: a client that
 #: stops reading its replies (whose data waits to be sent) ties up only that much
 CONN_SHARE = 4
@@ -197,22 +201,36 @@ def _cost(req: nbd.Request) -> int:
     return 0
 
 
-async def transmission(wire: Wire, md: MappedDevice, conn: Conn, budget: ByteBudget) -> None:
+def _charge(pool: PagePool, nbytes: int) -> int:
+    """The pages a payload of ``nbytes`` takes from ``pool``: at most the whole pool,
+    so a larger request runs alone instead of never."""
+    return min(-(-nbytes // PAGE_SIZE), pool.statistics().nr_pages)
+
+
+async def _take(pool: PagePool, n: int) -> None:
+    """``pool.acquire(n)``, without a trip through the scheduler when it fits now."""
+    if n and not pool.try_acquire(n):
+        await pool.acquire(n)
+
+
+async def transmission(wire: Wire, md: MappedDevice, conn: Conn, budget: PagePool) -> None:
     """Read requests until DISC, EOF or :meth:`Conn.stop`; answer each in a task.
     ``budget`` is the daemon's, shared by all its connections (module docstring)."""
     assert conn.export is not None
     exp = conn.export
     slots = trio.Semaphore(MAX_IN_FLIGHT)
     send_lock = trio.Lock()
-    share = ByteBudget(budget.total // CONN_SHARE)
+    share = PagePool(budget.statistics().nr_pages // CONN_SHARE)
 
-    async def charge(n: int) -> tuple[int, int]:
-        mine = await share.acquire(n)
+    async def charge(nbytes: int) -> tuple[int, int]:
+        mine, all_ = _charge(share, nbytes), _charge(budget, nbytes)
+        await _take(share, mine)
         try:
-            return mine, await budget.acquire(n)
+            await _take(budget, all_)
         except BaseException:
             share.release(mine)
             raise
+        return mine, all_
 
     def refund(held: tuple[int, int]) -> None:
         share.release(held[0])

@@ -18,7 +18,7 @@ table shows the median of ``--repeat``, at least 3):
 * ``write-32M`` -- the same with 4 connections and 32 MiB requests (the protocol's
   largest, 4 in flight each); for dmuser to a second device, ``split``, over the
   same file in two ``linear`` segments, so that every request takes a task and a
-  bio (no direct path) and the server's byte budget (``dmuser/nbd_budget.py``)
+  bio (no direct path) and the server's byte budget (``nbd_session.BUDGET_PAGES``)
   is what holds the requests back;
 * ``slow-32M`` -- dmuser only: the same writes to a third device, ``slow``, a
   ``delay`` target whose writes wait 200 ms (a slow backing file): without the

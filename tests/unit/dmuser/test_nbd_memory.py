@@ -3,8 +3,9 @@
 The exported device is suspended (its requests wait, as behind a stalled
 backing file) while NBD client devices of the same process send more than
 the budget on several connections.  What the server holds is counted by
-wrapping ``nbd_session.execute`` (the payload of every request in it), not
-by the budget's own books; quiescence is ``wait_all_tasks_blocked``, not time.
+wrapping ``nbd_session.execute`` (the payload of every request in it), and
+by the budget's own books (a dm-io ``PagePool`` counted in pages); quiescence
+is ``wait_all_tasks_blocked``, not time.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from dmuser import nbd_session
 from dmuser.control import Reply, dispatch
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
+from dmuser.core.units import PAGE_SIZE
 from dmuser.formats import nbd
-from dmuser.nbd_budget import ByteBudget
 from dmuser.nbd_server import NbdServer, server_for
+from dmuser.services.dm_io_mem import PagePool
 
 S = 512
 KiB = 1024
@@ -41,6 +43,10 @@ async def mgr(nursery: trio.Nursery) -> DeviceManager:
     mgr.service_nursery = nursery
     await nursery.start(NbdServer(mgr).run)
     return mgr
+
+
+def held_bytes(pool: PagePool) -> int:
+    return pool.statistics().pages_in_use * PAGE_SIZE
 
 
 class Held:
@@ -71,7 +77,7 @@ async def test_a_stalled_device_holds_the_budget_and_no_more(
     path = tmp_path / "a.img"
     data = make_image(path, conns * region, seed=9)
     held = Held(monkeypatch)
-    server_for(mgr).budget = budget = ByteBudget(BUDGET)
+    server_for(mgr).budget = budget = PagePool(BUDGET // PAGE_SIZE)
     share = BUDGET // nbd_session.CONN_SHARE
     await run(mgr, "create", name="src", table=f"0 {len(data) // S} linear {path} 0")
     uri = (await run(mgr, "export", name="src", address=str(tmp_path / "s.sock"))).data["uri"]
@@ -99,9 +105,9 @@ async def test_a_stalled_device_holds_the_budget_and_no_more(
         for i in range(1, conns):
             await load(nursery, i)
         await trio.testing.wait_all_tasks_blocked()
-        assert held.now == budget.held == BUDGET  # all of them: the budget, no more
+        assert held.now == held_bytes(budget) == BUDGET  # all of them: the budget, no more
         await run(mgr, "resume", name="src")
-    assert held.peak == BUDGET and budget.held == 0
+    assert held.peak == BUDGET and held_bytes(budget) == 0
     expect = bytearray(data)
     for i in range(conns):
         for k in range(writes):
@@ -121,7 +127,7 @@ async def test_a_request_larger_than_the_budget_runs_alone(
     path = tmp_path / "b.img"
     make_image(path, 4 * BUDGET, seed=3)
     held = Held(monkeypatch)
-    server_for(mgr).budget = budget = ByteBudget(BUDGET)
+    server_for(mgr).budget = budget = PagePool(BUDGET // PAGE_SIZE)
     await run(mgr, "create", name="src", table=f"0 {4 * BUDGET // S} linear {path} 0")
     uri = (await run(mgr, "export", name="src", address=str(tmp_path / "s.sock"))).data["uri"]
     await run(mgr, "create", name="r", table=f"0 {4 * BUDGET // S} linear {uri} 0")
@@ -131,34 +137,13 @@ async def test_a_request_larger_than_the_budget_runs_alone(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(remote.write, 0, big)
         await trio.testing.wait_all_tasks_blocked()
-        assert held.now == len(big) and budget.held == BUDGET
+        assert held.now == len(big) and held_bytes(budget) == BUDGET
         nursery.start_soon(remote.write, 2 * BUDGET // S, pattern("small", REQ))
         await trio.testing.wait_all_tasks_blocked()
         assert held.now == len(big)  # the small one waits for the big one
         await run(mgr, "resume", name="src")
     assert path.read_bytes()[:2 * BUDGET + REQ] == big + pattern("small", REQ)
-    assert budget.held == 0
+    assert held_bytes(budget) == 0
     await run(mgr, "remove", name="r")
     await run(mgr, "unexport", name="src")
 
-
-async def test_byte_budget_order_and_cancellation() -> None:
-    budget = ByteBudget(100)
-    assert await budget.acquire(60) == 60
-    order: list[str] = []
-
-    async def take(name: str, n: int) -> None:
-        cost = await budget.acquire(n)
-        order.append(name)
-        budget.release(cost)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(take, "huge", 1000)  # charged the whole budget: waits for all
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(take, "small", 10)  # would fit, but comes second
-        await trio.testing.wait_all_tasks_blocked()
-        with trio.move_on_after(0) as scope:  # cancelled while waiting: holds nothing
-            await budget.acquire(1)
-        assert scope.cancelled_caught and order == []
-        budget.release(60)
-    assert order == ["huge", "small"] and budget.held == 0 and budget.peak == 100

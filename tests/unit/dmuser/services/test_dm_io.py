@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from support.data import pattern
 from support.fakes import Gauge, MemDevice, RecordingDevice
 
@@ -335,3 +336,27 @@ async def test_pool_cancelled_waiter_takes_nothing(autojump_clock: trio.abc.Cloc
     pool.release(2)
     await pool.acquire(2)
     assert pool.statistics().pages_in_use == 2
+
+
+async def test_pool_serves_waiters_in_arrival_order() -> None:
+    """A large waiter is not overtaken by a small one that would fit (the NBD
+    server's budget relies on it), and a cancelled waiter takes nothing."""
+    pool = PagePool(100)
+    await pool.acquire(60)
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        await pool.acquire(n)
+        order.append(name)
+        pool.release(n)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "huge", 100)  # the whole pool: waits for all of it
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, "small", 10)  # would fit, but comes second
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0) as scope:  # cancelled while waiting: holds nothing
+            await pool.acquire(1)
+        assert scope.cancelled_caught and order == []
+        pool.release(60)
+    assert order == ["huge", "small"] and pool.statistics().pages_in_use == 0
