@@ -44,7 +44,7 @@ class BackingFiles(dict[tuple[int, ...], tuple[FileDevice, int]]):
             if entry is not None:
                 self[key] = (entry[0], entry[1] + 1)
                 return entry[0]
-        if st is not None and reaches_fuse(path):
+        if st is not None and reaches_fuse(st):
             policy = policy.threads_only()  # an inline fdatasync could wait for ourselves
         dev = FileDevice(path, policy, exclusive=st is not None and stat.S_ISBLK(st.st_mode))
         self[dev.key] = (dev, 1)

@@ -108,9 +108,10 @@ class IoPolicy:
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
 
-    async def sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def sync(self, fn: Callable[..., _T], *args: Any, nbytes: int = 0) -> _T:
         """Run ``fn(*args)``, a call that waits for the disk (``fdatasync``, a
-        flagged write): inline if the daemon is idle, else in a worker thread.
+        flagged read or write of ``nbytes``): inline if the daemon is idle and
+        ``nbytes`` is at most :attr:`inline_max_bytes`, else in a worker thread.
 
         With ``inline_flush`` on, the call first yields once, so that every task
         that is ready runs (and a concurrent sync, such as a mirror's other leg,
@@ -125,7 +126,7 @@ class IoPolicy:
         """
         self._syncs += 1
         try:
-            if self.inline_flush:
+            if self.inline_flush and nbytes <= self.inline_max_bytes:
                 await trio.lowlevel.checkpoint()
                 if self._syncs == 1 and not self.limiter.borrowed_tokens \
                         and not trio.lowlevel.current_statistics().tasks_runnable:
@@ -276,12 +277,7 @@ class FileDevice(BlockDevice):
             flags = bio.flags
             if flags and data is not None and (bio.op is Op.READ or bio.op is Op.WRITE) \
                     and flags & (ReqFlag.PREFLUSH | ReqFlag.FUA):
-                if len(data) > self.policy.inline_max_bytes:
-                    # Never abandoned on cancellation: a started write is finished.
-                    await trio.to_thread.run_sync(self._submit_blocking, bio,
-                                                  limiter=self.policy.limiter)
-                else:
-                    await self.policy.sync(self._submit_blocking, bio)
+                await self.policy.sync(self._submit_blocking, bio, nbytes=len(data))
             elif flags or data is None or len(data) > self.policy.inline_max_bytes or self.fd < 0:
                 await self._submit(bio)
             elif bio.op is Op.READ:  # the hot path: a plain read or write run inline

@@ -81,9 +81,12 @@ class Walk:
     def file(self, path: str) -> bool:
         """Is ``path`` (a regular file or block device node) stored through FUSE?"""
         try:
-            st = os.stat(path)
+            return self.stat_result(os.stat(path))
         except OSError:
             return False
+
+    def stat_result(self, st: os.stat_result) -> bool:
+        """:meth:`file` for a file already stat'ed."""
         if stat.S_ISBLK(st.st_mode):
             return self.block((os.major(st.st_rdev), os.minor(st.st_rdev)), 0)
         return self.fs((os.major(st.st_dev), os.minor(st.st_dev)), 0)
@@ -145,6 +148,7 @@ class Walk:
         return False
 
 
-def reaches_fuse(path: str) -> bool:
-    """True if I/O on ``path`` may wait for a FUSE daemon (see the module docstring)."""
-    return Walk().file(path)
+def reaches_fuse(st: os.stat_result) -> bool:
+    """True if I/O on the file ``st`` describes may wait for a FUSE daemon (see the
+    module docstring)."""
+    return Walk().stat_result(st)

@@ -12,7 +12,7 @@ from dmuser.core.reentry import Walk, read_mounts
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-40 22 0:40 / /mnt/dm\\040user rw,nosuid - fuse.dmuser /work/main/dmuser rw
+40 22 0:40 / /mnt/dm\\040user rw,nosuid - fuse.dmuser dmuser rw
 41 22 7:3 / /mnt/ext rw - ext4 /dev/loop3 rw
 42 22 0:51 / /mnt/btr rw - btrfs {btrfs_source} rw
 43 22 0:52 / /mnt/tmp rw - tmpfs tmpfs rw
