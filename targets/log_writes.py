@@ -178,13 +178,12 @@ class LogWritesTarget(Target):
         if block.flags & LOG_FLUSH_FLAG:
             # this flush also covers what earlier flushes still in flight took (it
             # completed before this one was mapped): logged first, in map order
-            if block in self._flushing:
-                for earlier in self._flushing[:self._flushing.index(block) + 1]:
+            if block in self._flushing:  # not if close() already logged its list
+                i = self._flushing.index(block)
+                for earlier in self._flushing[:i + 1]:  # its own list last
                     self._logging.extend(earlier.flushed)
                     earlier.flushed = []
-                self._flushing.remove(block)
-            self._logging.extend(block.flushed)
-            block.flushed = []
+                del self._flushing[i]
             self._logging.append(block)
             await self._drain()
         elif block.flags & LOG_FUA_FLAG:

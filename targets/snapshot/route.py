@@ -77,7 +77,6 @@ def plan(snap: Snapshot, bio: Bio, tracked: list[int]) -> list[Awaitable[None]]:
             if pe is None:
                 jobs.append(_fail_after_drop(snap, "snapshot COW device is full"))
             elif not pe.started and nr == cs:  # the write is the copy: one per run
-                pe.started = True
                 if full and follows(full[-1], pe):
                     full.append(pe)
                 else:
