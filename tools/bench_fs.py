@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.machinery
-import importlib.util
 import io
 import json
 import os
@@ -65,18 +63,10 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_targets() -> Any:
-    loader = importlib.machinery.SourceFileLoader("dmuser_bench_targets",
-                                                  os.path.join(HERE, "bench_targets.py"))
-    spec = importlib.util.spec_from_loader("dmuser_bench_targets", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dmuser_bench_targets"] = mod
-    loader.exec_module(mod)
-    return mod
+sys.path.insert(0, HERE)
+import toolmod  # noqa: E402  (beside this script)
 
-
-targets = _load_targets()
+targets: Any = toolmod.load("dmuser_bench_targets", "bench_targets.py")
 bench = targets.bench  # tools/bench, as loaded by bench_targets.py
 MiB = bench.MiB
 BASELINES = ("raw", "qsd")

@@ -54,8 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
@@ -77,21 +75,10 @@ SLOW_WRITE_MS = 200
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_bench() -> Any:
-    """tools/bench (the RSS limit and how to read a peak RSS), loaded once."""
-    if "dmuser_bench" in sys.modules:
-        return sys.modules["dmuser_bench"]
-    loader = importlib.machinery.SourceFileLoader(
-        "dmuser_bench", os.path.join(REPO, "tools", "bench"))
-    spec = importlib.util.spec_from_loader("dmuser_bench", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dmuser_bench"] = mod
-    loader.exec_module(mod)
-    return mod
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toolmod  # noqa: E402  (beside this script)
 
-
-bench = _load_bench()
+bench: Any = toolmod.load("dmuser_bench", "bench")  # the RSS limit, how to read a peak RSS
 
 
 class BenchError(Exception):

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import random
@@ -56,17 +54,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def _load_bench() -> Any:
-    loader = importlib.machinery.SourceFileLoader("dmuser_bench", os.path.join(HERE, "bench"))
-    spec = importlib.util.spec_from_loader("dmuser_bench", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dmuser_bench"] = mod
-    loader.exec_module(mod)
-    return mod
+sys.path.insert(0, HERE)
+import toolmod  # noqa: E402  (beside this script)
 
-
-bench = _load_bench()
+bench: Any = toolmod.load("dmuser_bench", "bench")
 MiB = bench.MiB
 REGION = 4096  # mirror region size in sectors (2 MiB, lvm2's default)
 
