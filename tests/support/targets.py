@@ -16,7 +16,11 @@ reads with a per-sector pattern and drops writes.  ``failopen`` makes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import trio
+
+from dmuser.control import Reply, dispatch
 from dmuser.core.args import parse_sector, parse_uint
 from dmuser.core.bio import Bio, Op
 from dmuser.core.blockdev import BlockDevice
@@ -26,6 +30,7 @@ from dmuser.core.manager import DeviceManager
 from dmuser.core.table import Table, parse_table
 from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext, TargetRegistry
 from dmuser.daemon import builtin_targets
+from dmuser.nbd_server import NbdServer
 from dmuser.targets.snapshot.store import create_store
 from dmuser.targets.snapshot.store.persistent import PersistentStore
 
@@ -120,6 +125,19 @@ def make_manager(mountpoint: str = "", config: Config | None = None,
                  types: TargetRegistry | None = None) -> DeviceManager:
     """A DeviceManager over the built-in types (or ``types``) and ``config``."""
     return DeviceManager(mountpoint, types=types or TYPES, config=config)
+
+
+async def run_verb(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
+    """A control verb, in process (``control.dispatch``), as the daemon runs it."""
+    return await dispatch(mgr, {"verb": verb, **req})
+
+
+async def nbd_manager(nursery: trio.Nursery) -> DeviceManager:
+    """A DeviceManager with its NBD server running in ``nursery``."""
+    mgr = make_manager()
+    mgr.service_nursery = nursery
+    await nursery.start(NbdServer(mgr).run)
+    return mgr
 
 
 class DictResolver:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from support.data import make_image
 from support.targets import ProbeTarget
+from support.targets import run_verb as run
 
-from dmuser.control import Reply, dispatch
+from dmuser.control import dispatch
 from dmuser.core.errors import DmError, NoSuchDeviceError, TableError
 from dmuser.core.manager import DeviceManager
 
@@ -23,10 +24,6 @@ def img(tmp_path: Path) -> Path:
     path = tmp_path / "a.img"
     make_image(path, 64 * S, seed=11)
     return path
-
-
-async def run(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
 
 
 # -- create / ls / table / status / info ---------------------------------------------------

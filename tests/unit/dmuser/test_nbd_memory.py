@@ -16,15 +16,15 @@ import pytest
 import trio
 import trio.testing
 from support.data import make_image, pattern
-from support.targets import make_manager
+from support.targets import nbd_manager
+from support.targets import run_verb as run
 
 from dmuser import nbd_session
-from dmuser.control import Reply, dispatch
 from dmuser.core.manager import DeviceManager
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.units import PAGE_SIZE
 from dmuser.formats import nbd
-from dmuser.nbd_server import NbdServer, server_for
+from dmuser.nbd_server import server_for
 from dmuser.services.dm_io_mem import PagePool
 
 S = 512
@@ -33,16 +33,9 @@ REQ = 64 * KiB
 BUDGET = 512 * KiB
 
 
-async def run(mgr: DeviceManager, verb: str, **req: object) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
-
-
 @pytest.fixture
 async def mgr(nursery: trio.Nursery) -> DeviceManager:
-    mgr = make_manager()
-    mgr.service_nursery = nursery
-    await nursery.start(NbdServer(mgr).run)
-    return mgr
+    return await nbd_manager(nursery)
 
 
 def held_bytes(pool: PagePool) -> int:

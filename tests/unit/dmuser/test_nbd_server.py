@@ -15,29 +15,22 @@ from typing import Any
 import pytest
 import trio
 from support.data import make_image, pattern
-from support.targets import make_manager
+from support.targets import nbd_manager
+from support.targets import run_verb as run
 
-from dmuser.control import Reply, dispatch
 from dmuser.core.bio import Bio, Op, ReqFlag
 from dmuser.core.errors import DmError, DmIOError, NoSuchDeviceError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.nbd_wire import NbdAddress, Wire, handshake
 from dmuser.formats import nbd
-from dmuser.nbd_server import NbdServer, server_for
+from dmuser.nbd_server import server_for
 
 S = 512
 
 
-async def run(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
-
-
 @pytest.fixture
-async def mgr(nursery: trio.Nursery, tmp_path: Path) -> DeviceManager:
-    mgr = make_manager()
-    mgr.service_nursery = nursery
-    await nursery.start(NbdServer(mgr).run)
-    return mgr
+async def mgr(nursery: trio.Nursery) -> DeviceManager:
+    return await nbd_manager(nursery)
 
 
 @pytest.fixture

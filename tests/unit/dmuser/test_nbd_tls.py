@@ -11,26 +11,20 @@ from __future__ import annotations
 import errno
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from support.data import make_image, pattern
-from support.targets import make_manager
+from support.targets import nbd_manager
+from support.targets import run_verb as run
 from support.tls import make_certs
 
-from dmuser.control import Reply, dispatch
 from dmuser.core.errors import DmError, NoSuchDeviceError
 from dmuser.core.manager import DeviceManager
 from dmuser.core.nbd_wire import NbdAddress, Wire, handshake
 from dmuser.formats import nbd
-from dmuser.nbd_server import NbdServer
 
 S = 512
-
-
-async def run(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +34,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def mgr(nursery: trio.Nursery) -> DeviceManager:
-    mgr = make_manager()
-    mgr.service_nursery = nursery
-    await nursery.start(NbdServer(mgr).run)
-    return mgr
+    return await nbd_manager(nursery)
 
 
 @pytest.fixture

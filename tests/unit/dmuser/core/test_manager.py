@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import errno
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.data import make_image, pattern
 from support.system import fds_open_on
 from support.targets import ProbeTarget, make_manager, remove_all_checked
+from support.targets import run_verb as run
 
-from dmuser.control import Reply, dispatch
 from dmuser.core.errors import (
     DeviceBusyError,
     DeviceExistsError,
@@ -31,10 +30,6 @@ def img(tmp_path: Path) -> Path:
     path = tmp_path / "a.img"
     make_image(path, 64 * S, seed=11)
     return path
-
-
-async def run(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
 
 
 # -- remove ---------------------------------------------------------------------------------

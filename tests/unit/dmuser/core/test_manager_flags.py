@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from support.data import make_image
+from support.targets import run_verb as run
 
-from dmuser.control import Reply, dispatch
 from dmuser.core.bio import Bio
 from dmuser.core.errors import DeviceBusyError, DmIOError
 from dmuser.core.manager import DeviceManager
@@ -25,10 +24,6 @@ def img(tmp_path: Path) -> Path:
     path = tmp_path / "a.img"
     make_image(path, 64 * S, seed=12)
     return path
-
-
-async def run(mgr: DeviceManager, verb: str, **req: Any) -> Reply:
-    return await dispatch(mgr, {"verb": verb, **req})
 
 
 async def test_read_only_table_fails_writes_with_eperm(mgr: DeviceManager, tmp_path: Path,
