@@ -36,10 +36,11 @@ from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError, TargetArgError
 from dmuser.core.target import TargetContext
 from dmuser.services.dm_io import Region
+from dmuser.targets.snapshot.copy_out import start_copies
 from dmuser.targets.snapshot.exception_table import ExceptionTableError
 from dmuser.targets.snapshot.handover import find_sharing_cow
 from dmuser.targets.snapshot.registry import do_origin, lookup_origin, origin_write_nowait
-from dmuser.targets.snapshot.snap import PendingException, start_copies
+from dmuser.targets.snapshot.snap import PendingException
 from dmuser.targets.snapshot.snapshot import SnapshotTarget
 from dmuser.targets.snapshot.store import StoreError
 

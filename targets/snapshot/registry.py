@@ -22,8 +22,9 @@ from typing import Any
 
 from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
+from dmuser.targets.snapshot.copy_out import start_copies
 from dmuser.targets.snapshot.held import HeldWrites
-from dmuser.targets.snapshot.snap import PendingException, Snapshot, start_copies
+from dmuser.targets.snapshot.snap import PendingException, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def origin_write_nowait(snapshots: Iterable[Snapshot], sector: int,
     Never blocks.  Returns the pending exceptions the write must wait for
     (empty: it may go to the origin now).  Exceptions it allocates are marked
     started and appended to ``fresh``: the caller starts their copies once it
-    has looked at every chunk of the write (:func:`~.snap.start_copies`:
+    has looked at every chunk of the write (:func:`~.copy_out.start_copies`:
     consecutive chunks become one job).
     """
     waits: list[PendingException] = []

@@ -27,7 +27,8 @@ from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError
 from dmuser.services.dm_io import Region
-from dmuser.targets.snapshot.snap import PendingException, Snapshot, follows
+from dmuser.targets.snapshot.copy_out import follows
+from dmuser.targets.snapshot.snap import PendingException, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _plan_write(snap: Snapshot, bio: Bio, pe: PendingException, sector: int, nr:
 
 def _write_run(snap: Snapshot, bio: Bio, sector: int, run: list[PendingException],
                ) -> Awaitable[None]:
-    """Fresh chunks the write covers whole (a run, ``snap.follows``): the write is
+    """Fresh chunks the write covers whole (a run, ``copy_out.follows``): the write is
     their copy, one COW write for the run; then wait for their commits."""
     cs = snap.store.chunk_size
     piece = bio.clone(sector, len(run) * cs)

@@ -9,8 +9,9 @@ returns once it is ready; :meth:`Service.stop` asks it to finish and returns
 only after every copy, kcopyd job, kcopyd callback and helper task has
 finished.  Nothing outlives the target.
 
-Copy-outs go through kcopyd (:meth:`Service.copy`): one job per copy-out
-(a run of consecutive chunks, ``snap.start_copies``) on the service's
+Copy-outs that are not copied inline (``copy_out.py``) go through kcopyd
+(:meth:`Service.copy`): one job per copy-out (a run of consecutive chunks,
+``copy_out.start_copies``) on the service's
 :class:`~dmuser.services.kcopyd.KcopydClient`, whose callback worker
 awaits the caller's completion (the snapshot's ordered commit loop), as the
 kernel runs ``copy_callback`` in kcopyd's thread.  kcopyd gives the
@@ -91,6 +92,11 @@ class Service:
             self._io = self._bg = None
             ready.set()
             self._stopped.set()
+
+    @property
+    def running(self) -> bool:
+        """start_io() and copy() would start their work (not stopped, not stopping)."""
+        return self._io is not None and self._kc is not None and self._kc.running
 
     def start_io(self, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn(*args)`` to completion in the background (stop() waits for it).

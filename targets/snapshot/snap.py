@@ -12,8 +12,9 @@ Guarantees (the protocol is written down in ``docs/snapshot-protocol.md``):
   gets two pending exceptions, and COW chunks go out in the order chunks were
   looked at.
 * Exceptions commit in allocation order, one call at a time: each copy (a
-  kcopyd job) or full-chunk write ends in the commit loop, which one task at a
-  time runs; a copy finishing meanwhile only queues itself.  For P the data
+  kcopyd job, or inline: ``copy_out.py``) or full-chunk write ends in the commit
+  loop, which one task at a time runs (an inline copy does the loop's ``hold``
+  steps itself, in order); a copy finishing meanwhile only queues itself.  For P the data
   copy is durable, then the metadata area (PREFLUSH|FUA) is, before anything
   waiting on the exception is released.
 * Deferred group commit: while no task waits in :meth:`Snapshot.wait_committed`,
@@ -47,6 +48,7 @@ from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice
 from dmuser.core.errors import DmIOError
 from dmuser.services.dm_io import Region
+from dmuser.targets.snapshot.copy_out import copy_inline, inline_ok
 from dmuser.targets.snapshot.exception_table import ChunkTracker, ExceptionTable
 from dmuser.targets.snapshot.service import Service
 from dmuser.targets.snapshot.store import CowFullError, ExceptionStore
@@ -71,37 +73,6 @@ class PendingException:
     copy_error: bool = False
     error: bool = False
     done: trio.Event = field(default_factory=trio.Event)
-
-
-def follows(prev: PendingException, pe: PendingException) -> bool:
-    """``pe`` extends a run ending with ``prev``: same snapshot, allocated next,
-    next origin chunk, next COW chunk (so no metadata area lies between)."""
-    return pe.seq == prev.seq + 1 and pe.snap is prev.snap \
-        and pe.old_chunk == prev.old_chunk + 1 and pe.new_chunk == prev.new_chunk + 1
-
-
-def start_copies(fresh: Sequence[PendingException]) -> None:
-    """Start the copies of newly allocated pending exceptions, in allocation order,
-    one kcopyd job per run (:meth:`Snapshot.start_copy`).
-
-    A run is a maximal sequence of exceptions of one snapshot, allocated one
-    after the other (consecutive sequence numbers), with consecutive origin
-    chunks and consecutive COW chunks: a write spanning several chunks
-    becomes one read and one write per snapshot, except where the COW
-    allocation skips a metadata area (the COW chunks are then not
-    consecutive, so a run never crosses an area).
-    """
-    runs: dict[Snapshot, list[PendingException]] = {}
-    for pe in fresh:
-        run = runs.get(pe.snap)
-        if run is not None:
-            if follows(run[-1], pe):
-                run.append(pe)
-                continue
-            pe.snap.start_copy(run)
-        runs[pe.snap] = [pe]
-    for snap, run in runs.items():
-        snap.start_copy(run)
 
 
 class Snapshot:
@@ -150,7 +121,7 @@ class Snapshot:
         self._committing = False     # a task is running the commit loop (_run_commits)
         self._waited: dict[int, int] = {}  # seq -> tasks in wait_committed for it
         self._closing = False        # close() started: commits are not held
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None  # made by the first throttled writer
         self._dropped: trio.Event | None = None  # set once drop_snapshot finished
 
     def status(self) -> str:
@@ -185,12 +156,13 @@ class Snapshot:
         return pe
 
     def start_copy(self, run: Sequence[PendingException]) -> None:
-        """Copy a run of origin chunks to their COW chunks as one kcopyd job
-        (``start_copy``, batched); never blocks.
+        """Copy a run of origin chunks to their COW chunks (``start_copy``, batched):
+        inline now if both devices are files served inline, else as one kcopyd
+        job (``copy_out.py``); never waits.
 
         ``run``: pending exceptions of this snapshot with consecutive origin
         chunks and consecutive COW chunks (so the run crosses no metadata
-        area), in allocation order (:func:`start_copies` cuts them).  Their
+        area), in allocation order (``copy_out.start_copies`` cuts them).  Their
         copy ends together: one failure fails them all, which invalidates
         the snapshot just as one failed per-chunk copy does.
         """
@@ -201,6 +173,10 @@ class Snapshot:
         cs = self.store.chunk_size
         src = first.old_chunk * cs
         count = max(0, min(cs * len(run), self.origin.nr_sectors - src))
+        if self.service.running and inline_ok(self.origin, self.cow, count):
+            dst = first.new_chunk * cs
+            self._copied_inline(run, copy_inline(self.origin, src, self.cow, dst, count))
+            return
         if not self.service.copy(Region(self.origin, src, count),
                                  Region(self.cow, first.new_chunk * cs, count),
                                  lambda failed: self._copy_done(run, failed)):
@@ -237,16 +213,37 @@ class Snapshot:
         pe.done.set()
 
     async def _copy_done(self, run: Sequence[PendingException], failed: bool) -> None:
-        """A copy (or full-chunk write) of ``run`` ended: commit, in allocation order.
+        """A kcopyd copy (or full-chunk write) of ``run`` ended: commit, in allocation
+        order.  Runs in the kcopyd callback worker or the full-chunk write's task."""
+        self._queue_copied(run, failed)
+        await self._run_commits()
 
-        Runs in the kcopyd callback worker (a copy) or in the full-chunk
-        write's service task.
-        """
+    def _copied_inline(self, run: Sequence[PendingException], failed: bool) -> None:
+        """An inline copy of ``run`` ended: :meth:`_copy_done` without a checkpoint.
+        What the loop would only hold is held here (:meth:`_hold_nowait`); what
+        needs a write or a completion goes to the loop, started in the service."""
+        self._queue_copied(run, failed)
+        if not (self._committing or self._hold_nowait()):
+            self.service.start_io(self._run_commits)  # running (checked): it starts
+
+    def _queue_copied(self, run: Sequence[PendingException], failed: bool) -> None:
         self.copy_finished(len(run))
         for pe in run:
             pe.copy_error = failed
             self._out_of_order[pe.seq] = pe
-        await self._run_commits()
+
+    def _hold_nowait(self) -> bool:
+        """The commit loop's ``hold`` steps, synchronously: commit records in
+        sequence order while the store can keep them in memory without I/O and
+        no task waits for them.  True if the loop has nothing to do now."""
+        while self._complete_seq in self._out_of_order:
+            e = self._out_of_order[self._complete_seq]
+            if e.copy_error or self._must_write(e.seq) \
+                    or not self.store.hold_nowait(e.old_chunk, e.new_chunk, e):
+                return False
+            del self._out_of_order[self._complete_seq]
+            self._complete_seq += 1
+        return not (self.store.held and self._must_write(self._complete_seq - 1))
 
     def _must_write(self, upto: int) -> bool:
         """Records up to sequence ``upto`` may not stay in memory: a task waits for
@@ -387,8 +384,9 @@ class Snapshot:
     def copy_finished(self, n: int = 1) -> None:
         """``n`` copies (or full-chunk writes, or zeroings) counted in ``in_progress`` ended."""
         self.in_progress -= n
-        self._progress.set()
-        self._progress = trio.Event()
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     @property
     def throttled(self) -> bool:
@@ -398,4 +396,6 @@ class Snapshot:
     async def wait_throttle(self) -> None:
         """Wait while more than ``cow_threshold`` copies are in progress."""
         while self.in_progress > self.cow_threshold:
+            if self._progress is None:
+                self._progress = trio.Event()
             await self._progress.wait()

@@ -130,6 +130,12 @@ class ExceptionStore:
         a store may then keep the record's context until that call."""
         raise NotImplementedError
 
+    def hold_nowait(self, old_chunk: int, new_chunk: int, context: Any) -> bool:
+        """:meth:`commit_exception` of a valid copy with ``hold``, if the store can
+        keep the record without any I/O or completion; False (nothing recorded)
+        otherwise.  Never blocks: the caller commits without a checkpoint."""
+        return False
+
     @property
     def held(self) -> int:
         """Contexts kept by commits with ``hold`` that :meth:`commit_held` would return

@@ -243,16 +243,27 @@ class PersistentStore(ExceptionStore):
         try:
             if not valid:
                 self.valid = False
-            self._put_record(self.current_committed, old_chunk, new_chunk)
-            self.current_committed += 1
-            self._waiting.append(context)
-            self.pending_count -= 1
+            self._record(old_chunk, new_chunk, context)
             full = self.current_committed == self.exceptions_per_area
             if (self.pending_count or hold) and not full:
                 return []
             return await self._write_area(full)
         finally:
             self._busy = False
+
+    def hold_nowait(self, old_chunk: int, new_chunk: int, context: Any) -> bool:
+        """The record stays in memory unless it fills the area (which must be written)."""
+        if self._busy or not self.valid \
+                or self.current_committed + 1 == self.exceptions_per_area:
+            return False
+        self._record(old_chunk, new_chunk, context)
+        return True
+
+    def _record(self, old_chunk: int, new_chunk: int, context: Any) -> None:
+        self._put_record(self.current_committed, old_chunk, new_chunk)
+        self.current_committed += 1
+        self._waiting.append(context)
+        self.pending_count -= 1
 
     async def commit_held(self) -> list[tuple[Any, bool]]:
         """End the batch now: write the area holding the held records (if any)."""
