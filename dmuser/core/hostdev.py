@@ -3,7 +3,7 @@
 ``loopdev.py`` uses these to make a dmuser device behave like a kernel dm device
 on its block device: BLKROSET for read-only tables, FIFREEZE/FITHAW around a
 suspend (the dm core's lock_fs), the kernel-style open count from ``/proc`` and
-whether udev has a device open (``udev_quiet.py``); ``manager.py`` finds the
+whether udev has a device open (``udev_quiet.py``); ``resolve.py`` finds the
 node of a ``MAJ:MIN`` table word here.
 
 They are control calls, not the data path: ``blockdev.py`` stays the one module
@@ -39,6 +39,14 @@ def set_read_only(dev: str, read_only: bool) -> None:
         fcntl.ioctl(fd, _BLKROSET, struct.pack("i", int(read_only)))
     finally:
         os.close(fd)
+
+
+def send_change_uevent(dev: str) -> None:
+    """Make the kernel send a ``change`` uevent for block device ``dev``
+    (``/dev/NAME``) by writing to ``/sys/block/NAME/uevent``, as dm's resume
+    does for a dm device (udev then probes it again).  Raises OSError."""
+    with open(f"/sys/block/{os.path.basename(dev)}/uevent", "w") as f:
+        f.write("change")
 
 
 def block_device_node(maj_min: str) -> str | None:

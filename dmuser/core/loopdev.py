@@ -18,7 +18,8 @@ device is ``../dm-N``).  Guarantees:
   thaws them after the resume: the kernel's lockfs.  Both write through the
   device (the freeze its dirty data, ext4's thaw its superblock), so the
   freeze runs before the device closes its door, the thaw only once it is
-  open again, and both in a worker thread;
+  open again, and both in a worker thread.  A watcher process thaws them if
+  the daemon dies in between (``thaw_watch.py``);
 * ``remove`` refuses while the loop device is open (an ``O_EXCL`` open of it
   fails with EBUSY: mounted, or held by another process) unless forced, and
   then detaches it and removes the link;
@@ -30,13 +31,18 @@ device is ``../dm-N``).  Guarantees:
   (:meth:`LoopDevices.suspending`, ``udev_quiet.py``), as the kernel's udev
   rules skip suspended dm devices: a plain ``remove`` of a suspended device
   is not held up by a probe stuck on it;
+* a resume of a suspended device sends a ``change`` uevent for its loop
+  device once the new table is live, the size and read-only state updated,
+  the file system thawed and udev let back in (:meth:`LoopDevices.resumed`),
+  as the kernel's ``dm_resume`` does for a dm device: udev and its rules see
+  the new contents;
 * :func:`cleanup_stale` (run at start, before the stale mount is unmounted)
   detaches the loop devices a killed daemon left on its dead mount, removes
   the links to them and its udev rule.
 
 The daemon itself never does I/O through these loop devices: the manager
 resolves ``/dev/mapper/NAME``, ``/dev/loopN`` and ``MAJ:MIN`` of one of them
-to the mapped device in process (``manager.py``).
+to the mapped device in process (``resolve.py``).
 """
 
 from __future__ import annotations
@@ -53,11 +59,10 @@ import trio
 from dmuser.core.errors import DeviceBusyError, DeviceExistsError, DmError
 from dmuser.core.hostdev import (
     Mount,
-    freeze_fs,
     mounts_of,
     openers,
+    send_change_uevent,
     set_read_only,
-    thaw_fs,
 )
 from dmuser.core.mapped_device import MappedDevice
 from dmuser.core.mapper_links import (
@@ -67,6 +72,7 @@ from dmuser.core.mapper_links import (
     loop_of_link,
     make_link,
 )
+from dmuser.core.thaw_watch import ThawWatcher
 from dmuser.core.udev_quiet import UdevQuiet, remove_stale
 
 log = logging.getLogger(__name__)
@@ -95,8 +101,11 @@ class LoopDevices:
         self.mountpoint = mountpoint
         self._sectors: dict[str, int] = {}
         self._read_only: dict[str, bool] = {}
-        #: device name -> the mount points this daemon froze (thawed at resume)
-        self._frozen: dict[str, list[tuple[Mount, str]]] = {}
+        #: device name -> the file systems this daemon froze (thawed at resume),
+        #: with their ids in the watcher
+        self._frozen: dict[str, list[tuple[int, Mount]]] = {}
+        #: thaws them if the daemon dies first (``thaw_watch.py``)
+        self._watcher = ThawWatcher()
         #: keeps udev from probing the loop devices of suspended devices
         self.udev = UdevQuiet(mountpoint)
 
@@ -146,34 +155,49 @@ class LoopDevices:
         if lockfs:
             await self.freeze(md)
 
-    async def resumed(self, md: MappedDevice) -> None:
+    async def resumed(self, md: MappedDevice, *, uevent: bool = False) -> None:
         """After ``md``'s door opened again: undo :meth:`suspending` (thaw, then let
-        udev probe the loop device again)."""
+        udev probe the loop device again).  With ``uevent`` (a resume of a
+        suspended device, after the new table is live and the loop device's size
+        and read-only state are updated) then make the kernel send a ``change``
+        uevent for the loop device, as ``dm_resume`` does for a dm device; only
+        after the unquiet, so that udev's rules run in full on it.  A failure to
+        send it is logged: the resume has happened."""
         await self.thaw(md)
-        if md.block_device:
-            self.udev.unquiet(md.block_device)
+        if not md.block_device:
+            return
+        self.udev.unquiet(md.block_device)
+        if uevent:
+            try:
+                await trio.to_thread.run_sync(send_change_uevent, md.block_device)
+            except OSError as exc:
+                log.error("%s: cannot send a change uevent for %s: %s", md.name,
+                          md.block_device, exc)
 
     async def close(self) -> None:
-        """At shutdown, after every loop device is detached: remove the udev rule."""
+        """At shutdown, after every loop device is detached and every thaw: remove
+        the udev rule, and stop the thaw watcher."""
         await self.udev.close()
+        await trio.to_thread.run_sync(self._watcher.close)
 
     async def freeze(self, md: MappedDevice) -> None:
-        """FIFREEZE every file system mounted on ``md``'s block device (none: nothing).
-        One already frozen by someone else stays theirs to thaw.  A failure thaws
-        what was frozen and raises DmError."""
+        """FIFREEZE every file system mounted on ``md``'s block device (none: nothing),
+        each announced to the :class:`ThawWatcher` first (``thaw_watch.py``: thawed
+        even if the daemon dies).  One already frozen by someone else stays theirs
+        to thaw.  A failure thaws what was frozen and raises DmError."""
         if not md.block_devno or md.name in self._frozen:
             return
-        frozen: list[tuple[Mount, str]] = []
+        frozen: list[tuple[int, Mount]] = []
         try:
             for m in mounts_of(md.block_devno, md.block_device):
-                if await trio.to_thread.run_sync(freeze_fs, m):
-                    frozen.append((m, md.block_device))
+                ident = await trio.to_thread.run_sync(self._watcher.freeze, m, md.block_device)
+                if ident is not None:
+                    frozen.append((ident, m))
                     log.info("%s: froze %s", md.name, m.path)
         except OSError as exc:
-            for m, dev in frozen:
-                await trio.to_thread.run_sync(thaw_fs, m, dev)
+            await self._thaw(md.name, frozen)
             raise DmError(f"{md.name}: cannot freeze the file system on {md.block_device}: "
-                          f"{exc.strerror}", exc.errno or errno.EIO) from None
+                          f"{exc.strerror or exc}", exc.errno or errno.EIO) from None
         if frozen:
             self._frozen[md.name] = frozen
 
@@ -181,12 +205,15 @@ class LoopDevices:
         """FITHAW what :meth:`freeze` froze, also when it was unmounted meanwhile
         (``hostdev.thaw_fs``); errors are logged (the device runs).  Call it only
         when ``md`` is not suspended: a thaw may write."""
-        for m, dev in self._frozen.pop(md.name, []):
+        await self._thaw(md.name, self._frozen.pop(md.name, []))
+
+    async def _thaw(self, name: str, frozen: list[tuple[int, Mount]]) -> None:
+        for ident, m in frozen:
             try:
-                await trio.to_thread.run_sync(thaw_fs, m, dev)
-                log.info("%s: thawed %s", md.name, m.path)
+                await trio.to_thread.run_sync(self._watcher.thaw, ident)
+                log.info("%s: thawed %s", name, m.path)
             except (OSError, subprocess.SubprocessError) as exc:
-                log.error("%s: cannot thaw %s: %s", md.name, m.path, exc)
+                log.error("%s: cannot thaw %s: %s", name, m.path, exc)
 
     async def is_open(self, md: MappedDevice) -> bool:
         """True if the loop device is open: held exclusively (an ``O_EXCL`` probe

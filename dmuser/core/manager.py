@@ -1,26 +1,15 @@
 """The device namespace: mapped devices by name, backing devices by identity.
 
-Resolving a table word to a device (``dm_get_device``):
-
-* ``MAJ:MIN`` — the real block device with that number.
-* a word without ``/`` that names a mapped device — that device (stacking is
-  resolved here, in process: dmuser never opens its own FUSE files).
-* a path whose directory is the mountpoint — the mapped device of that name.
-* with ``serve --block-devices``: ``/dev/mapper/NAME`` of a mapped device, or
-  the path or ``MAJ:MIN`` of a mapped device's loop device — that mapped
-  device, in process (I/O through the loop device would come back to the
-  daemon through its own FUSE file).
-* any other path — an image file or block device, relative paths taken from
-  the client's working directory.
-* ``nbd[s]://host[:port]/export`` or ``nbd[s]+unix:///export?socket=PATH`` — a
-  remote NBD export (``nbd_device.py``).  Each such word gets a connection of its
-  own, made (asynchronously) before the table's constructors run, because
-  resolution itself is synchronous; a reload therefore reconnects.
+The manager owns every mapped device of one daemon and the verbs that change
+the set of them: ``create``, ``remove`` (also deferred: a background task
+removes a busy device once it is unused), suspend and resume with the block
+device's freeze, size and udev handling (``loopdev.py``), and the shutdown
+order (``shutdown.py``).  It builds tables, turning their words into devices
+with ``resolve.py`` (``dm_get_device``).
 
 Backing files are opened once and shared, real block devices claimed with
 ``O_EXCL`` (``backing.py``), and a mapped device used by another table counts
-a holder, which blocks its removal.  A table may not refer to its own device,
-directly or through the devices it stacks on.
+a holder, which blocks its removal.
 """
 
 from __future__ import annotations
@@ -28,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,19 +33,18 @@ from dmuser.core.errors import (
     NoSuchDeviceError,
     TableError,
 )
-from dmuser.core.hostdev import block_device_node
 from dmuser.core.loopdev import LoopDevices
 from dmuser.core.mapped_device import DeviceInfo, MappedDevice
 from dmuser.core.mapper_links import MAPPER_DIR
 from dmuser.core.nbd_device import NbdDevice
-from dmuser.core.nbd_wire import is_nbd_uri, parse_uri
+from dmuser.core.nbd_wire import is_nbd_uri
+from dmuser.core.resolve import WordResolver, connect_nbd
 from dmuser.core.table import Table, TargetServices, parse_table
 from dmuser.core.target import TargetRegistry
 from dmuser.core.units import MAX_DEVICE_SECTORS
 
 log = logging.getLogger(__name__)
 
-_MAJ_MIN = re.compile(r"^(\d+):(\d+)$")
 MAX_NAME_LEN = 127
 #: how often a device with a deferred remove pending is checked for its last close
 DEFERRED_POLL_SECONDS = 0.2
@@ -108,84 +94,7 @@ class DeviceManager:
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name) if self.mountpoint else name
 
-    # -- resolution ---------------------------------------------------------------------
-
-    def _depends_on(self, md: MappedDevice, target: MappedDevice) -> bool:
-        """True if ``md`` is ``target`` or stacks on it, through live or inactive tables."""
-        if md is target:
-            return True
-        for table in (md.live, md.inactive):
-            for dev in table.devices() if table else ():
-                if isinstance(dev, MappedDevice) and self._depends_on(dev, target):
-                    return True
-        return False
-
-    def _lookup_mapped(self, name: str, for_device: MappedDevice) -> MappedDevice:
-        md = self.get(name)
-        if self._depends_on(md, for_device):
-            raise TableError(f"{name}: a table cannot use its own device "
-                             f"(directly or through stacked devices)")
-        return md
-
-    def resolver(self, cwd: str, for_device: MappedDevice,
-                 nbd: dict[str, list[NbdDevice]] | None = None) -> Callable[[str], BlockDevice]:
-        """A ``get_device`` function for building a table of ``for_device``; ``nbd``
-        holds the connections :meth:`connect_nbd` made for the table's NBD words."""
-
-        def get_device(word: str) -> BlockDevice:
-            dev: BlockDevice
-            if is_nbd_uri(word):
-                if not nbd or not nbd.get(word):
-                    raise NoSuchDeviceError(f"{word}: not connected")
-                return nbd[word].pop()
-            match = _MAJ_MIN.match(word)
-            if match:
-                own = self._mapped_by_block(word, cwd)
-                if own is not None:
-                    dev = self._lookup_mapped(own.name, for_device)
-                    dev.holders += 1
-                    return dev
-                node = block_device_node(word)
-                if node is None:
-                    raise NoSuchDeviceError(f"no block device {word}")
-                return self._open_backing(node)
-            if "/" not in word and word in self.devices:
-                dev = self._lookup_mapped(word, for_device)
-            else:
-                path = os.path.normpath(os.path.join(cwd, word))
-                if self.mountpoint and os.path.dirname(path) == self.mountpoint:
-                    dev = self._lookup_mapped(os.path.basename(path), for_device)
-                elif (own := self._mapped_by_block(word, cwd)) is not None:
-                    dev = self._lookup_mapped(own.name, for_device)
-                else:
-                    return self._open_backing(path)
-            assert isinstance(dev, MappedDevice)
-            dev.holders += 1
-            return dev
-
-        return get_device
-
-    def _mapped_by_block(self, word: str, cwd: str) -> MappedDevice | None:
-        """The mapped device whose block device ``word`` names (``/dev/mapper/NAME``,
-        its loop device's path or ``MAJ:MIN``), or None.  Never for paths under
-        the mountpoint (a stat there would be a FUSE request to ourselves)."""
-        if self.loops is None:
-            return None
-        if _MAJ_MIN.match(word):
-            devno = word
-        else:
-            path = os.path.normpath(os.path.join(cwd, word))
-            md = self.devices.get(os.path.basename(path))
-            if os.path.dirname(path) == MAPPER_DIR and md is not None and md.block_device:
-                return md
-            try:
-                st = os.stat(path)
-            except OSError:
-                return None
-            if not stat.S_ISBLK(st.st_mode):
-                return None
-            devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        return next((md for md in self.devices.values() if md.block_devno == devno), None)
+    # -- tables (word resolution: ``resolve.py``) ---------------------------------------
 
     def _open_backing(self, path: str) -> FileDevice:
         return self._backing.acquire(path, self.io_policy)
@@ -195,7 +104,7 @@ class DeviceManager:
         return self._backing.paths()
 
     def release(self, dev: BlockDevice) -> None:
-        """Give back a device obtained from a resolver."""
+        """Give back a device a :class:`WordResolver` handed out (``dm_put_device``)."""
         if isinstance(dev, MappedDevice):
             dev.holders -= 1
             return
@@ -206,6 +115,9 @@ class DeviceManager:
         self._backing.release(dev)
 
     async def build_table(self, md: MappedDevice, text: str, cwd: str) -> Table:
+        """Build a table for ``md`` from ``text`` (words resolved from ``cwd``); a
+        failure gives back every device it took (``Table.build``) and closes its
+        unused NBD connections."""
         specs = parse_table(text)
         end = max(spec.start + spec.length for spec in specs)
         if end > MAX_DEVICE_SECTORS:
@@ -216,31 +128,22 @@ class DeviceManager:
                                   noflush_suspending=md.noflush_suspending,
                                   config=self.config, shared=self._shared)
         words = [w for spec in specs for w in spec.args if is_nbd_uri(w)]
-        nbd = await self.connect_nbd(words, cwd) if words else None
+        nbd = None
+        if words:
+            if self.service_nursery is None:
+                raise DmError("NBD devices need the daemon's service nursery")
+            nbd = await connect_nbd(words, cwd, self.service_nursery, self.config.nbd_timeout)
+        get_device = WordResolver(self.devices, mountpoint=self.mountpoint,
+                                  block_devices=self.loops is not None,
+                                  open_backing=self._open_backing, cwd=cwd, for_device=md,
+                                  nbd=nbd)
         try:
-            return await Table.build(md.name, specs, self.resolver(cwd, md, nbd), self.release,
-                                     services, types=self.types)
+            return await Table.build(md.name, specs, get_device, self.release, services,
+                                     types=self.types)
         finally:
             for unused in (nbd or {}).values():
                 for dev in unused:
                     dev.close()
-
-    async def connect_nbd(self, words: list[str], cwd: str) -> dict[str, list[NbdDevice]]:
-        """One NBD connection per occurrence of each word; all or nothing."""
-        if self.service_nursery is None:
-            raise DmError("NBD devices need the daemon's service nursery")
-        made: dict[str, list[NbdDevice]] = {}
-        try:
-            for word in words:
-                dev = await NbdDevice.connect(parse_uri(word, cwd), self.service_nursery,
-                                              self.config.nbd_timeout)
-                made.setdefault(word, []).append(dev)
-        except BaseException:
-            for devs in made.values():
-                for dev in devs:
-                    dev.close()
-            raise
-        return made
 
     # -- verbs that change the namespace ------------------------------------------------
 
@@ -298,13 +201,18 @@ class DeviceManager:
     async def resume(self, md: MappedDevice, nolockfs: bool = False) -> None:
         """``dmsetup resume``: a device running when a new table comes in is suspended
         first (frozen unless ``nolockfs``), as the kernel's ``do_resume`` does; then
-        the swap, the block device's size and read-only state, and the thaw."""
+        the swap, the block device's size and read-only state, the thaw (also if
+        the block device update fails) and, if the device was suspended, a change
+        uevent for the block device (``LoopDevices.resumed``)."""
         if md.inactive is not None and not md.suspended:
             await self.suspend(md, nolockfs=nolockfs)
+        was_suspended = md.suspended
         await md.resume()
         if self.loops is not None:
-            await self.sync_block_device(md)
-            await self.loops.resumed(md)
+            try:
+                await self.sync_block_device(md)
+            finally:
+                await self.loops.resumed(md, uevent=was_suspended)
 
     async def sync_block_device(self, md: MappedDevice) -> None:
         """After a resume: give ``md`` its block device on its first live table, or
@@ -390,12 +298,15 @@ class DeviceManager:
         return shutdown.stack_order(list(self))
 
     async def quiesce_all(self) -> None:
-        """Detach the block devices, then resume, suspend and flush every device,
-        top-down (``shutdown.py``)."""
-        await shutdown.detach_all(self)
-        if self.loops is not None:
-            await self.loops.close()
-        await shutdown.quiesce_all(self)
+        """Detach the block devices, then resume (and thaw), suspend and flush every
+        device, top-down (``shutdown.py``); last, remove the udev rule and stop the
+        thaw watcher (``LoopDevices.close``)."""
+        try:
+            await shutdown.detach_all(self)
+            await shutdown.quiesce_all(self)
+        finally:
+            if self.loops is not None:
+                await self.loops.close()
 
     async def remove_all(self) -> None:
         """Remove every device, users before the devices they stack on."""

@@ -56,7 +56,7 @@ class DeviceRange(NamedTuple):
     nr_sectors: int
 
 
-#: Resolves a table word naming a device to a device handle; see ``manager.py``.
+#: Resolves a table word naming a device to a device handle; see ``resolve.py``.
 DeviceGetter = Callable[[str], BlockDevice]
 
 
