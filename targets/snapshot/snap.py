@@ -248,7 +248,7 @@ class Snapshot:
     def _must_write(self, upto: int) -> bool:
         """Records up to sequence ``upto`` may not stay in memory: a task waits for
         one of them, or the snapshot is invalid or closing."""
-        return not self.valid or self._closing or any(seq <= upto for seq in self._waited)
+        return not self.valid or self._closing or bool(self._waited) and min(self._waited) <= upto
 
     async def _run_commits(self) -> None:
         """The commit loop: one task at a time runs it (``_committing``).
