@@ -35,7 +35,7 @@ from dmuser.core.bio import Bio
 from dmuser.core.blockdev import BlockDevice, FileDevice
 from dmuser.core.errors import DeviceBusyError, DmError, DmIOError, NoSuchDeviceError, RequeueError
 from dmuser.core.table import Table
-from dmuser.core.target import StatusType
+from dmuser.core.target import StatusType, Target
 from dmuser.core.units import SECTOR_SHIFT
 
 log = logging.getLogger(__name__)
@@ -145,26 +145,33 @@ class MappedDevice(BlockDevice):
     # suspend or a table swap can never find one half done.  This is the 4 KiB
     # random I/O fast path (docs/benchmarks.md).
 
-    def _direct_place(self, write: bool, sector: int,
-                      nbytes: int) -> tuple[FileDevice, int] | None:
+    def _direct_target(self, write: bool, sector: int, nbytes: int) -> Target | None:
+        """The live table's direct target, if the direct path may be tried at all."""
         table = self.live
         if self._suspended or table is None or table.direct is None \
-                or (write and self.read_only):
+                or (write and self.read_only) \
+                or sector + (nbytes >> SECTOR_SHIFT) > table.nr_sectors:
             return None
-        nr_sectors = nbytes >> SECTOR_SHIFT
-        if sector + nr_sectors > table.nr_sectors:
+        return table.direct
+
+    @staticmethod
+    def _inline_place(remap: tuple[BlockDevice, int] | None, sector: int,
+                      nbytes: int) -> tuple[FileDevice, int] | None:
+        """The file and sector of a ``direct_remap`` answer, if served inline."""
+        if remap is None:
             return None
-        place = table.direct.direct_remap(write, sector, nr_sectors)
-        if place is None:
-            return None
-        dev = place[0]
+        dev = remap[0]
         if not isinstance(dev, FileDevice) or nbytes > dev.policy.inline_max_bytes:
             return None
-        return dev, sector + place[1]
+        return dev, sector + remap[1]
 
     def read_direct(self, sector: int, nbytes: int) -> bytes | None:
         """``nbytes`` (whole sectors) from ``sector`` by the direct path, or None."""
-        place = self._direct_place(False, sector, nbytes)
+        target = self._direct_target(False, sector, nbytes)
+        if target is None:
+            return None
+        place = self._inline_place(
+            target.direct_remap(False, sector, nbytes >> SECTOR_SHIFT), sector, nbytes)
         if place is None:
             return None
         try:
@@ -174,8 +181,15 @@ class MappedDevice(BlockDevice):
         return data if len(data) == nbytes else None
 
     def write_direct(self, sector: int, data: bytes | bytearray | memoryview) -> bool:
-        """Write ``data`` (whole sectors) at ``sector`` by the direct path; False if not done."""
-        place = self._direct_place(True, sector, len(data))
+        """Write ``data`` (whole sectors) at ``sector`` by the direct path (or let the
+        target absorb it: ``Target.absorb_write``); False if not done."""
+        target = self._direct_target(True, sector, len(data))
+        if target is None:
+            return False
+        remap = target.direct_remap(True, sector, len(data) >> SECTOR_SHIFT)
+        if remap is None:
+            return target.absorb_write(sector, data)
+        place = self._inline_place(remap, sector, len(data))
         if place is None:
             return False
         try:

@@ -176,6 +176,13 @@ class Target:
         """
         return None
 
+    def absorb_write(self, sector: int, data: bytes | bytearray | memoryview) -> bool:
+        """Complete a plain write that :meth:`direct_remap` declined, now, without
+        yielding, if map() would complete it without sending it on (snapshot-origin
+        holding it); False (nothing done) otherwise.  Asked only by
+        ``MappedDevice.write_direct``, under the same conditions as direct_remap."""
+        return False
+
     async def presuspend(self) -> None:
         pass
 

@@ -9,7 +9,10 @@ once the copies are started: its data is held (``held.py``) until a drain
 (flush, full buffer, ``snapshot_hold_ms``, suspend, snapshot activation)
 writes it after the group commit of its exceptions.  Reads see held data.
 FUA and larger writes wait for their commits (:func:`~.registry.do_origin`),
-as the kernel does.  Guarantees and proof: ``docs/snapshot-protocol.md``.
+as the kernel does.  A FUSE or NBD write that the direct path declines
+(``direct_remap``) but that would be held without waiting is held right there
+(:meth:`SnapshotOriginTarget.absorb_write`: the same steps as map(), no bio).
+Guarantees and proof: ``docs/snapshot-protocol.md``.
 
 The target records itself on its origin at resume and leaves at postsuspend,
 as the kernel does.  Difference: the kernel computes the split boundary (the
@@ -94,6 +97,28 @@ class SnapshotOriginTarget(Target):
         held.hold(self.dev, bio.sector, bytes(bio.data), waits, dropping)
         self._arm_timer(held)
         return None
+
+    def absorb_write(self, sector: int, data: bytes | bytearray | memoryview) -> bool:
+        """map()'s held path for a write that would not wait (FUSE writes' direct
+        path): no snapshot throttled or dropping, room in the buffer, and copies
+        to wait for or a held write overlapping.  Otherwise map() does it."""
+        origin = lookup_origin(self.dev)
+        if origin is None or not origin.snapshots:
+            return False
+        held = origin.held
+        limit = self.ti.config.snapshot_hold_bytes
+        if held.bytes + len(data) > limit \
+                or any(s.throttled or s.dropping for s in origin.snapshots):
+            return False
+        end = sector + (len(data) >> SECTOR_SHIFT)
+        # -- no checkpoint from here on --
+        waits = collect_copies(origin, sector, end)
+        dropping = {s for s in origin.snapshots if s.dropping}
+        if not waits and not dropping and not held.find(sector, end):
+            return False
+        held.hold(self.dev, sector, bytes(data), waits, dropping)
+        self._arm_timer(held)
+        return True
 
     async def _read(self, held: HeldWrites, bio: Bio) -> BlockDevice | None:
         """A read overlapping held writes: read the origin, then lay them over it

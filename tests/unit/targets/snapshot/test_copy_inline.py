@@ -24,13 +24,14 @@ from support.data import make_image
 from support.targets import make_manager, remove_all_checked
 
 from dmuser.byte_io import read_bytes, write_bytes
-from dmuser.core.bio import Bio
+from dmuser.core.bio import Bio, ReqFlag
 from dmuser.core.blockdev import FileDevice
 from dmuser.core.config import Config
 from dmuser.core.manager import DeviceManager
 from dmuser.core.target import StatusType
 from dmuser.formats.cow import MetadataWalk
 from dmuser.targets.snapshot import copy_out
+from dmuser.targets.snapshot.origin import SnapshotOriginTarget
 from dmuser.targets.snapshot.registry import ORIGINS
 from dmuser.targets.snapshot.service import Service
 
@@ -203,5 +204,46 @@ async def test_inline_copies_fill_an_area_and_go_on_in_the_next(tmp_path: Path) 
         for old, new in records[250:260]:
             assert cow[new * CHUNK_BYTES:(new + 1) * CHUNK_BYTES] == \
                 before[old * CHUNK_BYTES:(old + 1) * CHUNK_BYTES], f"chunk {old}"
+    finally:
+        await remove_all_checked(mgr)
+
+
+async def test_a_direct_path_write_is_held_behind_its_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FUSE/NBD write that needs a copy-out is held by the direct path
+    (``SnapshotOriginTarget.absorb_write``, no map()), and reaches the origin
+    file only after the area write (PREFLUSH|FUA) that commits its exception."""
+    log: list[tuple[str, int, bool]] = []
+    real_submit = FileDevice.submit
+
+    async def submit(dev: FileDevice, bio: Bio) -> None:
+        if bio.is_write and bio.nr_sectors:
+            log.append((os.path.basename(dev.path), bio.sector,
+                        bool(bio.flags & ReqFlag.FUA)))
+        await real_submit(dev, bio)
+
+    maps = [0]
+    real_map = SnapshotOriginTarget.map
+
+    async def map_(target: SnapshotOriginTarget, bio: Bio) -> Any:
+        maps[0] += 1
+        return await real_map(target, bio)
+
+    monkeypatch.setattr(FileDevice, "submit", submit)
+    monkeypatch.setattr(SnapshotOriginTarget, "map", map_)
+    mgr, before = await setup(tmp_path)
+    try:
+        new = os.urandom(1024)
+        await write_bytes(mgr.get("o"), 4 * CHUNK_BYTES + 512, new, direct=True)
+        assert maps[0] == 0, "the write went through map(), not the direct path"
+        assert (tmp_path / "base.img").read_bytes() == before  # held
+        await mgr.get("o").submit(Bio.flush())
+        base_writes = [i for i, (name, _, _) in enumerate(log) if name == "base.img"]
+        area_writes = [i for i, (name, sector, fua) in enumerate(log)
+                       if name == "cow.img" and fua and sector == CHUNK]
+        assert base_writes and area_writes, log
+        assert area_writes[0] < base_writes[0], log
+        assert (tmp_path / "base.img").read_bytes()[4 * CHUNK_BYTES + 512:][:1024] == new
+        assert await read_bytes(mgr.get("snap"), 0, SECTORS * 512) == before
     finally:
         await remove_all_checked(mgr)
