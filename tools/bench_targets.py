@@ -226,6 +226,7 @@ SNAP_JOBS = ("rand-write-4k", "seq-write-1m")
 def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     names = args.setups.split(",")
     results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    peak: dict[str, int] = {}  # peak RSS (KiB) of each setup's serving process
     iolog = os.path.join(ctx.workdir, "rand.iolog")
     jobs = args.jobs.split(",")
     for rep in range(args.repeat):
@@ -260,6 +261,9 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
                               f" {'IOPS' if '4k' in job else 'MB/s'}"
                               + (f"  server CPU {cpu:.0f} us/io" if cpu is not None else ""),
                               file=sys.stderr, flush=True)
+                    rss = bench.peak_rss_kib(s.pids())  # VmHWM only grows: the run's peak
+                    if rss is not None:
+                        peak[name] = max(peak.get(name, 0), rss)
                 finally:
                     s.stop()
                     ctx.cleanup()
@@ -299,7 +303,21 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     for text, x, need in goals:
         print(f"goal {text} = {x:.2f} (>= {need}) {'met' if x >= need else 'NOT met'}")
     return {"median": med, "samples": results,
-            "goals": [{"goal": t, "ratio": x, "need": n, "met": x >= n} for t, x, n in goals]}
+            "goals": [{"goal": t, "ratio": x, "need": n, "met": x >= n} for t, x, n in goals],
+            **rss_report(peak)}
+
+
+def rss_report(peak: dict[str, int]) -> dict[str, Any]:
+    """Print each serving process's peak RSS; the names over the bound go in
+    ``rss_over_limit`` (main() then exits 1), as ``tools/bench`` does."""
+    over = [n for n, kib in peak.items() if kib > bench.RSS_LIMIT_MIB * 1024]
+    if peak:
+        print("\npeak RSS (MiB): " + ", ".join(
+            f"{n} {kib / 1024:.0f}{' !' if n in over else ''}" for n, kib in peak.items()))
+    if over:
+        print(f"bench_targets: peak RSS over the {bench.RSS_LIMIT_MIB} MiB bound: "
+              f"{', '.join(over)}", file=sys.stderr)
+    return {"peak_rss_kib": peak, "rss_limit_mib": bench.RSS_LIMIT_MIB, "rss_over_limit": over}
 
 
 # -- resync / kcopyd / dd ------------------------------------------------------------------------
@@ -328,7 +346,7 @@ def time_dd(leg0: str, leg1: str, size: int) -> float:
     return time.monotonic() - t0
 
 
-def time_resync(ctx: Any, leg0: str, leg1: str, size: int) -> float:
+def time_resync(ctx: Any, leg0: str, leg1: str, size: int, peak: dict[str, int]) -> float:
     fresh_leg(leg1, size)
     bench.drop_cache(leg0)
     s = _Empty()
@@ -354,6 +372,9 @@ def time_resync(ctx: Any, leg0: str, leg1: str, size: int) -> float:
             raise bench.BenchError(f"resync did not complete: {st} {w.stderr}")
         print(f"resync: in sync after {t_sync:.2f} s, + fdatasync {total - t_sync:.2f} s",
               file=sys.stderr)
+        rss = bench.peak_rss_kib(s.pids())
+        if rss is not None:
+            peak["resync"] = max(peak.get("resync", 0), rss)
         return total
     finally:
         s.stop()
@@ -393,6 +414,7 @@ def run_resync(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     leg1 = os.path.join(ctx.workdir, "resync-leg1.img")
     ctx._scratch.append(leg1)
     times: dict[str, list[float]] = {"dd": [], "resync": [], "kcopyd": []}
+    peak: dict[str, int] = {}  # peak RSS (KiB) of the resync daemon
     for rep in range(args.repeat):
         order = ["dd", "resync", "kcopyd"]
         order = order[rep % 3:] + order[:rep % 3]
@@ -400,7 +422,7 @@ def run_resync(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             if what == "dd":
                 t = time_dd(leg0, leg1, ctx.size)
             elif what == "resync":
-                t = time_resync(ctx, leg0, leg1, ctx.size)
+                t = time_resync(ctx, leg0, leg1, ctx.size, peak)
             else:
                 t = time_kcopyd(leg0, leg1, ctx.size)
             if not same(leg0, leg1):
@@ -417,7 +439,8 @@ def run_resync(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     x = mbps["resync"] / mbps["dd"]
     print(f"\ngoal resync / dd = {x:.2f} (>= 0.8) {'met' if x >= 0.8 else 'NOT met'}")
     return {"seconds": times, "median_s": med, "mbps": mbps,
-            "goals": [{"goal": "resync/dd", "ratio": x, "need": 0.8, "met": x >= 0.8}]}
+            "goals": [{"goal": "resync/dd", "ratio": x, "need": 0.8, "met": x >= 0.8}],
+            **rss_report(peak)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg": bench.loadavg(), "cpus": os.cpu_count()})
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-    return 0
+    return 1 if out["rss_over_limit"] else 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def test_target_subcommands_run(tmp_path: Path, argv: list[str], row_job: str,
     assert all(c in header for c in columns), header
     rows = [row for row in table if row and row[0] == row_job]
     assert rows, res.stdout
+    if argv[0] == "snapshot":  # each serving daemon's peak RSS is reported
+        rss = next(line for line in res.stdout.splitlines() if line.startswith("peak RSS"))
+        assert "origin-64k " in rss and "!" not in rss, rss
     with open("/proc/mounts") as f:
         assert str(tmp_path) not in f.read()
     ps = subprocess.run(["pgrep", "-f", f"{work}"], capture_output=True, text=True)
@@ -144,3 +147,17 @@ def test_bench_fs_flags_a_daemon_over_the_rss_bound() -> None:
     rss = next(line.split() for line in out.getvalue().splitlines()
                if line.startswith("peak-rss"))
     assert rss[2:5] == ["-", "40", "300!"]
+
+
+def test_bench_targets_flags_a_daemon_over_the_rss_bound() -> None:
+    """``bench_targets`` (snapshot, resync) lists the setups over the bound; main() exits 1."""
+    spec = importlib.util.spec_from_file_location("bench_targets_under_test",
+                                                  REPO / "tools" / "bench_targets.py")
+    assert spec is not None and spec.loader is not None
+    bench_targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_targets)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        report = bench_targets.rss_report({"origin-64k": 300 * 1024, "qcow2": 12 * 1024})
+    assert report["rss_over_limit"] == ["origin-64k"]
+    assert "origin-64k 300 !" in out.getvalue() and "qcow2 12" in out.getvalue()
