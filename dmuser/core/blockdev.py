@@ -30,6 +30,11 @@ just ``fdatasync``.  A read or write carrying PREFLUSH or FUA runs as one
 call (flush, I/O and sync together): inline while the daemon is idle, like an
 empty flush (:meth:`IoPolicy.sync`), else one worker-thread call (one
 hand-off, not three).
+
+Write-behind (``docs/io-policy.md``): after ``IoPolicy.write_behind_bytes`` of
+plain writes to a file since its last flush, a worker thread nobody waits for
+starts the file's writeback (``sync_file_range``).  No guarantee changes (only a
+flush makes writes durable); the next flush just has less left to write.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -66,6 +72,9 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+_NEVER = 1 << 62  # write_behind_bytes 0: no amount of writes reaches it
 
 
 class IoPolicy:
@@ -76,13 +85,15 @@ class IoPolicy:
     share one worker-thread limiter.
     """
 
-    __slots__ = ("inline_flush", "inline_max_bytes", "limiter", "yield_every", "_inline_calls",
-                 "_syncs")
+    __slots__ = ("inline_flush", "inline_max_bytes", "limiter", "write_behind_bytes",
+                 "yield_every", "_inline_calls", "_syncs")
 
     def __init__(self, config: Config | None = None) -> None:
         config = config or Config()
         self.inline_max_bytes = config.inline_max_bytes
         self.inline_flush = config.inline_flush
+        #: plain writes to a file between two starts of its writeback (0: never)
+        self.write_behind_bytes = config.write_behind_bytes
         self.limiter = trio.CapacityLimiter(config.io_threads)
         #: an inline call yields to the trio scheduler once every this many calls
         self.yield_every = config.inline_yield_every
@@ -219,6 +230,16 @@ def _pwrite_durable(fd: int, view: memoryview, offset: int) -> None:
         os.fdatasync(fd)
 
 
+def _start_writeback(fd: int) -> None:
+    """Start the writeback of every dirty page of ``fd``'s file, then close ``fd``
+    (a duplicate).  No wait for that I/O, no durability; the kernel reports a
+    failed writeback to the next ``fdatasync``."""
+    try:
+        _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
@@ -255,6 +276,9 @@ class FileDevice(BlockDevice):
         self.key = (st.st_rdev,) if self.is_block else (st.st_dev, st.st_ino)
         self.status_name = (f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if self.is_block
                             else self.path)
+        self._write_behind = policy.write_behind_bytes or _NEVER
+        self._unflushed = 0  # bytes of plain writes since the last flush or write-behind
+        self._write_behind_running = False
 
     def __repr__(self) -> str:
         return f"FileDevice({self.path!r})"
@@ -286,6 +310,7 @@ class FileDevice(BlockDevice):
             elif bio.op is Op.WRITE:
                 await self.policy.inline_turn()
                 _pwrite_full(self.fd, data, bio.sector << SECTOR_SHIFT)
+                self._wrote(len(data))
             else:
                 await self._submit(bio)
         except OSError as exc:
@@ -315,6 +340,7 @@ class FileDevice(BlockDevice):
         assert data is not None, "only READ/WRITE bios with data come here"
         flags = bio.flags
         if flags and flags & ReqFlag.PREFLUSH:
+            self._unflushed = 0
             os.fdatasync(fd)
         offset = bio.sector << SECTOR_SHIFT
         if bio.op is Op.READ:
@@ -334,6 +360,27 @@ class FileDevice(BlockDevice):
 
     def pwrite_inline(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         _pwrite_full(self.fd, data, sector << SECTOR_SHIFT)  # type: ignore[arg-type]
+        self._wrote(len(data))
+
+    def _wrote(self, nbytes: int) -> None:
+        """Count a plain write; past ``write_behind_bytes`` since the last flush, start
+        the file's writeback in a worker thread nobody waits for (one at a time, on a
+        duplicate descriptor, so a :meth:`close` meanwhile is harmless)."""
+        self._unflushed += nbytes
+        if self._unflushed < self._write_behind or self._write_behind_running:
+            return
+        try:
+            fd = os.dup(self.fd)
+        except OSError:
+            return  # closed, or out of descriptors: the next flush writes it all anyway
+        self._unflushed = 0
+        self._write_behind_running = True
+        trio.lowlevel.start_thread_soon(functools.partial(_start_writeback, fd),
+                                        self._write_behind_done)
+
+    def _write_behind_done(self, result: Any) -> None:
+        """Called in the worker thread when the write-behind call returned."""
+        self._write_behind_running = False
 
     async def _submit(self, bio: Bio) -> None:
         fd = self.fd
@@ -341,6 +388,7 @@ class FileDevice(BlockDevice):
             raise DmIOError(f"{self.status_name}: device closed", errno.EBADF)
         flags = bio.flags  # tested for truth first: IntFlag '&' costs ~1 us
         if flags and flags & ReqFlag.PREFLUSH:
+            self._unflushed = 0
             await self.policy.sync(os.fdatasync, fd)
         offset = bio.sector << SECTOR_SHIFT
         length = bio.nr_sectors << SECTOR_SHIFT
@@ -352,6 +400,7 @@ class FileDevice(BlockDevice):
             if length:
                 assert bio.data is not None
                 await self.policy.run(_pwrite_full, fd, bio.data, offset, nbytes=length)
+                self._wrote(length)
         elif op is Op.DISCARD:
             await self._discard(offset, length)
         elif op is Op.WRITE_ZEROES:

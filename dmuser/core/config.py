@@ -16,6 +16,7 @@ Each field ``name`` is set by ``dmuser serve --name-with-dashes``, else by
 | ``io_threads`` | 16 | worker threads for blocking syscalls |
 | ``inline_yield_every`` | 16 | inline syscalls between scheduler yields |
 | ``inline_flush`` | on | an ``fdatasync`` runs inline while nothing else is runnable |
+| ``write_behind_bytes`` | 16 MiB | writes to a backing file before its writeback starts early |
 | ``mirror_clean_delay`` | 5.0 s | idle time before a mirror region is marked clean |
 | ``resync_throttle`` | 100 % | mirror resync's share of time with I/O in flight |
 | ``snapshot_copy_pool_pages`` | 4096 | memory for a snapshot's copy-outs in flight |
@@ -77,6 +78,11 @@ class Config:
     inline_flush: bool = _tunable(
         True, "run an fdatasync (flush, FUA) inline in the trio thread when no other task "
         "is runnable and no worker thread busy; off: always in a worker thread "
+        "(docs/io-policy.md)")
+    write_behind_bytes: int = _tunable(
+        16 << 20, "bytes written to a backing file since its last flush before the kernel "
+        "is asked to start writing its dirty pages to disk, in a worker thread nobody "
+        "waits for, so that the next flush has less left to write; 0: never "
         "(docs/io-policy.md)")
     mirror_clean_delay: float = _tunable(
         5.0, "seconds a mirror region stays marked dirty after its last write; 0 is the "
