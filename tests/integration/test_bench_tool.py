@@ -118,6 +118,9 @@ def test_bench_fs_quick_runs_and_cleans_up(tmp_path: Path) -> None:
     assert saved["ratios"]["linear/raw"]["fsync16"] > 0
     for sample in saved["samples"]["linear"]["fsync16"]:
         assert sample["ios"] > 0 and sample["fsyncs"]
+    for sample in saved["samples"]["linear"]["untar"]:  # the two phases make up the total
+        assert sample["tar_s"] > 0 and sample["sync_s"] > 0
+        assert sample["tar_s"] + sample["sync_s"] == pytest.approx(sample["seconds"])
     # Only the daemon's log stays in the --dir: no image, tarball, mountpoint or socket.
     left = sorted(p.name for p in work.iterdir())
     assert all(name.endswith(".log") for name in left), left
