@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import stat
 
-from dmuser.core.blockdev import FileDevice, IoPolicy
+from dmuser.core.blockdev import FileDevice
+from dmuser.core.io_policy import IoPolicy
 from dmuser.core.reentry import reaches_fuse
 
 

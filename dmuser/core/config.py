@@ -2,7 +2,7 @@
 
 A :class:`Config` is made once, by ``dmuser serve`` from its options (with the
 environment variables below only as a fallback), and handed down: to the
-device manager, which gives backing files their :class:`~dmuser.core.blockdev.IoPolicy`
+device manager, which gives backing files their :class:`~dmuser.core.io_policy.IoPolicy`
 and every table its targets' :class:`~dmuser.core.target.TargetContext`.
 Nothing reads the environment at import time, and tests pass a ``Config``
 instead of patching module globals.

@@ -24,7 +24,7 @@ import trio
 
 from dmuser.core import shutdown
 from dmuser.core.backing import BackingFiles
-from dmuser.core.blockdev import BlockDevice, FileDevice, IoPolicy
+from dmuser.core.blockdev import BlockDevice, FileDevice
 from dmuser.core.config import Config
 from dmuser.core.errors import (
     DeviceBusyError,
@@ -33,6 +33,7 @@ from dmuser.core.errors import (
     NoSuchDeviceError,
     TableError,
 )
+from dmuser.core.io_policy import IoPolicy
 from dmuser.core.loopdev import LoopDevices
 from dmuser.core.mapped_device import DeviceInfo, MappedDevice
 from dmuser.core.mapper_links import MAPPER_DIR

@@ -6,7 +6,7 @@ very daemon, or inside a ``fuse2fs`` mount.  A blocking syscall on such a file
 may wait for FUSE requests, and if the daemon made it in its trio thread, the
 requests it waits for could never be served: an ``fdatasync`` of it writes the
 file system's dirty pages through the loop device into our own FUSE file, and
-deadlocks.  Such files get a threads-only :class:`~dmuser.core.blockdev.IoPolicy`
+deadlocks.  Such files get a threads-only :class:`~dmuser.core.io_policy.IoPolicy`
 (``BackingFiles.acquire``): every syscall in a worker thread, so the trio thread
 keeps serving FUSE while the call waits.
 

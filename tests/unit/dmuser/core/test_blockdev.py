@@ -17,8 +17,9 @@ import trio.testing
 
 from dmuser.core import blockdev
 from dmuser.core.bio import Bio, ReqFlag
-from dmuser.core.blockdev import FileDevice, IoPolicy
+from dmuser.core.blockdev import FileDevice
 from dmuser.core.config import Config
+from dmuser.core.io_policy import IoPolicy
 
 S = 512
 

@@ -15,8 +15,9 @@ import trio
 
 from dmuser.core import blockdev
 from dmuser.core.bio import Bio
-from dmuser.core.blockdev import FileDevice, IoPolicy
+from dmuser.core.blockdev import FileDevice
 from dmuser.core.config import Config
+from dmuser.core.io_policy import IoPolicy
 
 K = 4096
 LIMIT = 16 * K
