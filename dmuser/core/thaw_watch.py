@@ -35,6 +35,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -134,6 +135,12 @@ class ThawWatcher:
         assert proc.stdin is not None
         with contextlib.suppress(OSError):  # a watcher killed meanwhile
             proc.stdin.close()
+        if self._watched:
+            # Its thaw may write through one of this daemon's devices (ext4
+            # writes its superblock), which can no longer be served: do not wait.
+            log.error("thaw watcher: leaving it to thaw %d file system(s) after the exit",
+                      len(self._watched))
+            return
         proc.wait()
 
 
@@ -161,6 +168,11 @@ def _watch(pipe: IO[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Only the pipe ends the watcher: a signal meant for the daemon (SIGTERM to
+    # its cgroup, ^C to its process group, pkill -f dmuser) must not take the
+    # thaw away with it.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     sys.exit(_watch(sys.stdin))
