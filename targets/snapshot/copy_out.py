@@ -57,21 +57,32 @@ def start_copies(fresh: Sequence[PendingException]) -> None:
     becomes one read and one write per snapshot, except where the COW
     allocation skips a metadata area (the COW chunks are then not
     consecutive, so a run never crosses an area).
+
+    At most ``INLINE_COPY_MAX_BYTES`` of one call's runs are copied inline (a
+    write over many fragmented chunks must not hold the event loop for
+    hundreds of cold reads); the rest go to kcopyd.
     """
     if len(fresh) == 1:  # the common case: one chunk of one snapshot
         fresh[0].snap.start_copy(fresh)
         return
     runs: dict[Snapshot, list[PendingException]] = {}
+    budget = INLINE_COPY_MAX_BYTES  # inline copies of this call, in bytes
+
+    def start(run: list[PendingException]) -> None:
+        nonlocal budget
+        if run[0].snap.start_copy(run, inline=budget > 0):
+            budget -= len(run) * run[0].snap.store.chunk_size << SECTOR_SHIFT
+
     for pe in fresh:
         run = runs.get(pe.snap)
         if run is not None:
             if follows(run[-1], pe):
                 run.append(pe)
                 continue
-            pe.snap.start_copy(run)
+            start(run)
         runs[pe.snap] = [pe]
-    for snap, run in runs.items():
-        snap.start_copy(run)
+    for run in runs.values():
+        start(run)
 
 
 def _inline_file(dev: BlockDevice, nbytes: int) -> bool:
@@ -92,6 +103,15 @@ def copy_inline(origin: BlockDevice, src: int, cow: BlockDevice, dst: int,
     A failed or short read writes nothing."""
     assert isinstance(origin, FileDevice) and isinstance(cow, FileDevice)
     nbytes = nr_sectors << SECTOR_SHIFT
+    try:
+        return _copy(origin, src, cow, dst, nr_sectors, nbytes)
+    except Exception:  # a bug: fail the run (the snapshot), never leave it pending
+        log.exception("%s: inline copy-out failed", origin.status_name)
+        return True
+
+
+def _copy(origin: FileDevice, src: int, cow: FileDevice, dst: int, nr_sectors: int,
+          nbytes: int) -> bool:
     try:
         data = origin.pread_inline(src, nbytes)
         if len(data) != nbytes:

@@ -133,7 +133,7 @@ def origin_write_is_plain(origin_dev: BlockDevice, sector: int, nr_sectors: int)
         return True
     end = sector + nr_sectors
     for snap in origin.snapshots:
-        if snap.throttled or snap.invalidated:
+        if snap.throttled or snap.dropping:  # an invalid snapshot needs nothing
             return False
         if snap.active and snap.valid and not snap.is_merge \
                 and not _needs_no_copy(snap, sector, end):

@@ -155,10 +155,10 @@ class Snapshot:
             self.invalidate(errno.ENOMEM)
         return pe
 
-    def start_copy(self, run: Sequence[PendingException]) -> None:
+    def start_copy(self, run: Sequence[PendingException], inline: bool = True) -> bool:
         """Copy a run of origin chunks to their COW chunks (``start_copy``, batched):
-        inline now if both devices are files served inline, else as one kcopyd
-        job (``copy_out.py``); never waits.
+        inline now if ``inline`` and both devices are files served inline, else
+        as one kcopyd job (``copy_out.py``); never waits.  True if copied inline.
 
         ``run``: pending exceptions of this snapshot with consecutive origin
         chunks and consecutive COW chunks (so the run crosses no metadata
@@ -173,15 +173,16 @@ class Snapshot:
         cs = self.store.chunk_size
         src = first.old_chunk * cs
         count = max(0, min(cs * len(run), self.origin.nr_sectors - src))
-        if self.service.running and inline_ok(self.origin, self.cow, count):
+        if inline and self.service.running and inline_ok(self.origin, self.cow, count):
             dst = first.new_chunk * cs
             self._copied_inline(run, copy_inline(self.origin, src, self.cow, dst, count))
-            return
+            return True
         if not self.service.copy(Region(self.origin, src, count),
                                  Region(self.cow, first.new_chunk * cs, count),
                                  lambda failed: self._copy_done(run, failed)):
             for pe in run:
                 self._lost(pe)
+        return False
 
     def start_full_bio(self, run: Sequence[PendingException], piece: Bio) -> None:
         """The snapshot write covers the run's chunks whole: it is their copy

@@ -247,3 +247,26 @@ async def test_a_direct_path_write_is_held_behind_its_commit(
         assert await read_bytes(mgr.get("snap"), 0, SECTORS * 512) == before
     finally:
         await remove_all_checked(mgr)
+
+
+async def test_one_write_copies_at_most_the_inline_budget_inline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB write over 128 fragmented chunks: 256 KiB of its copies run inline
+    (64 runs of one 4 KiB chunk), the other 64 go to kcopyd; all commit."""
+    mgr = make_manager(config=Config(snapshot_hold_ms=3600_000))
+    before = make_image(tmp_path / "base.img", 2 << 20, seed=7)
+    make_image(tmp_path / "cow.img", 3 << 20)
+    await mgr.create("snap", f"0 4096 snapshot base.img cow.img P {CHUNK}", str(tmp_path))
+    await mgr.create("o", "0 4096 snapshot-origin base.img", str(tmp_path))
+    try:
+        for chunk in range(0, 256, 2):
+            await write_bytes(mgr.get("o"), chunk * CHUNK_BYTES, bytes(512), direct=True)
+        copies = Copies(monkeypatch)
+        await write_bytes(mgr.get("o"), 0, os.urandom(256 * CHUNK_BYTES), direct=True)
+        assert (copies.inline, copies.kcopyd) == (
+            copy_out.INLINE_COPY_MAX_BYTES // CHUNK_BYTES, 128 - 64)
+        await mgr.get("o").submit(Bio.flush())
+        assert sorted(old for old, _ in cow_records(tmp_path / "cow.img")) == list(range(256))
+        assert await read_bytes(mgr.get("snap"), 0, 2 << 20) == before
+    finally:
+        await remove_all_checked(mgr)
