@@ -37,6 +37,7 @@ from dmuser.core.target import DeviceRange, StatusType, Target, TargetContext
 from dmuser.core.units import SECTOR_SHIFT
 from dmuser.targets.snapshot.held import HeldWrites
 from dmuser.targets.snapshot.registry import (
+    Origin,
     collect_copies,
     do_origin,
     drop_origin_if_unused,
@@ -45,6 +46,7 @@ from dmuser.targets.snapshot.registry import (
     origin_write_is_plain,
     wait_throttle,
 )
+from dmuser.targets.snapshot.snap import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,7 @@ class SnapshotOriginTarget(Target):
                 await held.drain()
                 continue
             dropping = {s for s in origin.snapshots if s.dropping}
-            # -- no checkpoint from here on --
-            waits = collect_copies(origin, bio.sector, bio.end_sector)
-            dropping |= {s for s in origin.snapshots if s.dropping}
-            if waits or dropping or held.find(bio.sector, bio.end_sector):
-                break
-            return self.dev
-        held.hold(self.dev, bio.sector, bytes(bio.data), waits, dropping)
-        self._arm_timer(held)
-        return None
+            return None if self._hold(origin, bio.sector, bio.data, dropping) else self.dev
 
     def absorb_write(self, sector: int, data: bytes | bytearray | memoryview) -> bool:
         """map()'s held path for a write that would not wait (FUSE writes' direct
@@ -110,14 +104,21 @@ class SnapshotOriginTarget(Target):
         if held.bytes + len(data) > limit \
                 or any(s.throttled or s.dropping for s in origin.snapshots):
             return False
+        return self._hold(origin, sector, data, set())
+
+    def _hold(self, origin: Origin, sector: int, data: bytes | bytearray | memoryview,
+              dropping: set[Snapshot]) -> bool:
+        """The held path's synchronous part (no checkpoint): start the copy-outs the
+        write needs, then hold it if it must wait for them, for an invalidation
+        (``dropping``, plus any the copies started) or behind a held write; False:
+        it may go to the origin now."""
         end = sector + (len(data) >> SECTOR_SHIFT)
-        # -- no checkpoint from here on --
         waits = collect_copies(origin, sector, end)
-        dropping = {s for s in origin.snapshots if s.dropping}
-        if not waits and not dropping and not held.find(sector, end):
+        dropping |= {s for s in origin.snapshots if s.dropping}
+        if not (waits or dropping or origin.held.find(sector, end)):
             return False
-        held.hold(self.dev, sector, bytes(data), waits, dropping)
-        self._arm_timer(held)
+        origin.held.hold(self.dev, sector, bytes(data), waits, dropping)
+        self._arm_timer(origin.held)
         return True
 
     async def _read(self, held: HeldWrites, bio: Bio) -> BlockDevice | None:

@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from support.system import is_mounted, loops_under
@@ -133,11 +134,7 @@ def test_bench_fs_quick_runs_and_cleans_up(tmp_path: Path) -> None:
 
 def test_bench_fs_flags_a_daemon_over_the_rss_bound() -> None:
     """A peak RSS over ``--rss-limit`` gets a ``!`` in the table (the run then exits 1)."""
-    spec = importlib.util.spec_from_file_location("bench_fs_under_test",
-                                                  REPO / "tools" / "bench_fs.py")
-    assert spec is not None and spec.loader is not None
-    bench_fs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_fs)
+    bench_fs = _tool("bench_fs")
     assert bench_fs.RSS_LIMIT_MIB == 256
     assert bench_fs.over_limit(257 * 1024) and not bench_fs.over_limit(256 * 1024)
     assert not bench_fs.over_limit(None)
@@ -154,13 +151,19 @@ def test_bench_fs_flags_a_daemon_over_the_rss_bound() -> None:
 
 def test_bench_targets_flags_a_daemon_over_the_rss_bound() -> None:
     """``bench_targets`` (snapshot, resync) lists the setups over the bound; main() exits 1."""
-    spec = importlib.util.spec_from_file_location("bench_targets_under_test",
-                                                  REPO / "tools" / "bench_targets.py")
-    assert spec is not None and spec.loader is not None
-    bench_targets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_targets)
+    bench_targets = _tool("bench_targets")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         report = bench_targets.rss_report({"origin-64k": 300 * 1024, "qcow2": 12 * 1024})
     assert report["rss_over_limit"] == ["origin-64k"]
     assert "origin-64k 300 !" in out.getvalue() and "qcow2 12" in out.getvalue()
+
+
+def _tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module of its own (not the one ``tools/bench`` runs)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                  REPO / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

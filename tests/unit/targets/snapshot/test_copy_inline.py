@@ -61,12 +61,14 @@ class Copies:
         monkeypatch.setattr("dmuser.targets.snapshot.snap.copy_inline", inline)
 
 
-async def setup(tmp_path: Path, config: Config | None = None) -> tuple[DeviceManager, bytes]:
+async def setup(tmp_path: Path, config: Config | None = None, sectors: int = SECTORS,
+                cow_sectors: int = COW_SECTORS, seed: int = 5) -> tuple[DeviceManager, bytes]:
+    """Origin ``o`` (an image of ``sectors`` seeded data) with one P snapshot ``snap``."""
     mgr = make_manager(config=config or Config(snapshot_hold_ms=3600_000))
-    before = make_image(tmp_path / "base.img", SECTORS * 512, seed=5)
-    make_image(tmp_path / "cow.img", COW_SECTORS * 512)
-    await mgr.create("snap", f"0 {SECTORS} snapshot base.img cow.img P {CHUNK}", str(tmp_path))
-    await mgr.create("o", f"0 {SECTORS} snapshot-origin base.img", str(tmp_path))
+    before = make_image(tmp_path / "base.img", sectors * 512, seed=seed)
+    make_image(tmp_path / "cow.img", cow_sectors * 512)
+    await mgr.create("snap", f"0 {sectors} snapshot base.img cow.img P {CHUNK}", str(tmp_path))
+    await mgr.create("o", f"0 {sectors} snapshot-origin base.img", str(tmp_path))
     return mgr, before
 
 
@@ -187,11 +189,7 @@ async def test_inline_copies_fill_an_area_and_go_on_in_the_next(tmp_path: Path) 
     """300 first writes with 256 records per area: the record that fills area 0 is
     written (with the zeroed area 1) by the commit loop, not held; the rest go on
     into area 1, whose COW chunk the allocation skipped."""
-    mgr = make_manager(config=Config(snapshot_hold_ms=3600_000))
-    before = make_image(tmp_path / "base.img", 2 << 20, seed=6)
-    make_image(tmp_path / "cow.img", 3 << 20)
-    await mgr.create("snap", f"0 4096 snapshot base.img cow.img P {CHUNK}", str(tmp_path))
-    await mgr.create("o", "0 4096 snapshot-origin base.img", str(tmp_path))
+    mgr, before = await setup(tmp_path, sectors=4096, cow_sectors=6144, seed=6)
     try:
         for chunk in range(300):
             await write_bytes(mgr.get("o"), chunk * CHUNK_BYTES, bytes(512), direct=True)
@@ -253,11 +251,7 @@ async def test_one_write_copies_at_most_the_inline_budget_inline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1 MiB write over 128 fragmented chunks: 256 KiB of its copies run inline
     (64 runs of one 4 KiB chunk), the other 64 go to kcopyd; all commit."""
-    mgr = make_manager(config=Config(snapshot_hold_ms=3600_000))
-    before = make_image(tmp_path / "base.img", 2 << 20, seed=7)
-    make_image(tmp_path / "cow.img", 3 << 20)
-    await mgr.create("snap", f"0 4096 snapshot base.img cow.img P {CHUNK}", str(tmp_path))
-    await mgr.create("o", "0 4096 snapshot-origin base.img", str(tmp_path))
+    mgr, before = await setup(tmp_path, sectors=4096, cow_sectors=6144, seed=7)
     try:
         for chunk in range(0, 256, 2):
             await write_bytes(mgr.get("o"), chunk * CHUNK_BYTES, bytes(512), direct=True)
