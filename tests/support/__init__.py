@@ -9,4 +9,6 @@ system   mounts, loop devices, processes, the test-run registry and sweeps, mkfs
 oracles  independent readers of the on-disk formats (import nothing from dmuser)
 vectors  the golden kernel vectors in tests/vectors and their loaders
 fuzz     seeds and counts of the fuzz tier
+volatile image files on a disk with a volatile write cache, at the syscall level
+         (crash images of FileDevice-backed stacks)
 """
