@@ -22,7 +22,10 @@ Builds on ``tools/bench`` (loaded as a module: its helpers, its ``raw``,
     same writes again.  Size-bound runs (no wrap-around).  ``origin-64k-n`` is
     ``origin-64k`` with a transient (N) store, ``origin-64k-sync`` the same with
     held origin writes off (``--snapshot-hold-bytes 0``, the kernel's commit
-    per first write), for a side-by-side before/after; ``--jobs`` picks jobs;
+    per first write), for a side-by-side before/after; ``floor-cow`` is
+    ``tools/fuse_floor.py --cow`` (pyfuse3 + trio copying each 64 KiB chunk
+    before its first write, with no metadata and no crash safety: the fastest
+    a snapshot-origin in this frame could be); ``--jobs`` picks jobs;
     ``--iodepth N`` runs the 4 KiB job with libaio at depth N.
 
 ``resync``
@@ -158,6 +161,17 @@ class Origin64kN(_Snap):
     store = "N"
 
 
+@bench.setup("floor-cow")
+class FloorCow(bench.FloorSetup):
+    description = ("tools/fuse_floor.py --cow: pyfuse3 + trio copying each chunk (64 KiB) "
+                   "before its first write, with no metadata, flush or crash safety: the "
+                   "least a snapshot-origin in this frame can do")
+
+    def extra_args(self, ctx: Any) -> list[str]:
+        cow = ctx.scratch_file("floor-cow.img", ctx.size + 4 * MiB)
+        return ["--cow", cow, str(64 << 10)]
+
+
 @bench.setup("qcow2")
 class Qcow2Setup(bench.QsdSetup):
     description = "qemu-storage-daemon FUSE export of a qcow2 overlay on the backing file"
@@ -275,7 +289,7 @@ def run_snapshot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if "linear" in names:
         head += [f"{n}/linear" for n in names if n != "linear"]
     if "qcow2" in names:
-        head += [f"{n}/qcow2" for n in names if n.startswith("origin")]
+        head += [f"{n}/qcow2" for n in names if n.startswith(("origin", "floor-cow"))]
     rows = []
     for job in jobs:
         unit = "IOPS" if "4k" in job else "MB/s"

@@ -10,7 +10,17 @@ is the share of the reachable speed that dmuser achieves, and ``floor/qsd``
 says whether a goal relative to qemu-storage-daemon is reachable in this
 frame at all.
 
-Usage: python tools/fuse_floor.py BACKING_FILE MOUNTPOINT   (runs until SIGTERM)
+With ``--cow COW_FILE CHUNK_BYTES`` it is also the floor of a copy-on-write
+origin (``tools/bench_targets.py snapshot --setups floor-cow``): the first
+write to a chunk first copies the chunk, one ``os.pread`` of the backing file
+and one ``os.pwrite`` to the next free chunk of the COW file, remembered in a
+dict; a flush ``fdatasync``\ s the COW file, then the backing file.  No
+metadata, no ordering, no crash safety: the least any
+snapshot served in this frame must do, so ``floor-cow/qcow2`` says whether a
+first-write goal against qcow2 is reachable here.
+
+Usage: python tools/fuse_floor.py BACKING_FILE MOUNTPOINT [--cow COW_FILE CHUNK_BYTES]
+(runs until SIGTERM)
 """
 
 from __future__ import annotations
@@ -29,10 +39,13 @@ FILE_NAME = b"dev"
 
 
 class FloorFS(pyfuse3.Operations):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cow_path: str | None = None, chunk: int = 0) -> None:
         super().__init__()
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size
+        self.cow_fd = os.open(cow_path, os.O_RDWR | os.O_CLOEXEC) if cow_path else -1
+        self.chunk = chunk
+        self.copied: dict[int, int] = {}  # origin chunk -> COW chunk
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -67,12 +80,23 @@ class FloorFS(pyfuse3.Operations):
         return os.pread(self.fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.cow_fd >= 0:
+            for c in range(off // self.chunk, (off + len(buf) - 1) // self.chunk + 1):
+                if c not in self.copied:
+                    new = self.copied[c] = len(self.copied)
+                    os.pwrite(self.cow_fd, os.pread(self.fd, self.chunk, c * self.chunk),
+                              new * self.chunk)
         return os.pwrite(self.fd, buf, off)
 
     async def flush(self, fh: int) -> None:
-        os.fdatasync(self.fd)
+        self._sync()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.cow_fd >= 0:
+            os.fdatasync(self.cow_fd)  # what a flush of any snapshot must cover
         os.fdatasync(self.fd)
 
     async def release(self, fh: int) -> None:
@@ -89,10 +113,12 @@ async def serve() -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+    args = sys.argv[1:]
+    if len(args) not in (2, 5) or len(args) == 5 and (args[2] != "--cow" or
+                                                      not args[4].isdigit() or int(args[4]) <= 0):
+        print("usage: " + __doc__.strip().splitlines()[-2].split(": ", 1)[1], file=sys.stderr)
         return 2
-    fs = FloorFS(sys.argv[1])
+    fs = FloorFS(args[0], *((args[3], int(args[4])) if len(args) == 5 else ()))
     pyfuse3.init(fs, sys.argv[2], {"fsname=dmuser-floor", "subtype=floor", "default_permissions"})
     try:
         trio.run(serve)

@@ -67,8 +67,8 @@ def test_bench_runs_and_cleans_up(tmp_path: Path) -> None:
 @pytest.mark.parametrize("argv, row_job, columns", [
     (["mirror", "--size", "8M", "--runtime", "1", "--setups", "linear,mirror",
       "--jobs", "rand-write-4k"], "rand-write-4k", ["linear", "mirror"]),
-    (["snapshot", "--size", "8M", "--setups", "linear,origin-64k",
-      "--jobs", "rand-write-4k"], "rand-write-4k", ["linear", "origin-64k"]),
+    (["snapshot", "--size", "8M", "--setups", "linear,origin-64k,floor-cow",
+      "--jobs", "rand-write-4k"], "rand-write-4k", ["linear", "origin-64k", "floor-cow"]),
 ])
 def test_target_subcommands_run(tmp_path: Path, argv: list[str], row_job: str,
                                 columns: list[str]) -> None:
