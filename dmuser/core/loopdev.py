@@ -31,11 +31,12 @@ device is ``../dm-N``).  Guarantees:
   (:meth:`LoopDevices.suspending`, ``udev_quiet.py``), as the kernel's udev
   rules skip suspended dm devices: a plain ``remove`` of a suspended device
   is not held up by a probe stuck on it;
-* a resume of a suspended device sends a ``change`` uevent for its loop
-  device once the new table is live, the size and read-only state updated,
-  the file system thawed and udev let back in (:meth:`LoopDevices.resumed`),
-  as the kernel's ``dm_resume`` does for a dm device: udev and its rules see
-  the new contents;
+* a resume of a suspended device sends one ``change`` uevent for its loop
+  device once the new table is live, the read-only state updated, the file
+  system thawed and udev let back in (:meth:`LoopDevices.resumed`), as the
+  kernel's ``dm_resume`` does for a dm device: udev and its rules see the new
+  contents.  If the size changed, that event is the loop driver's own (with
+  ``RESIZE=1``, as dm's): the capacity change waits until udev is let back in;
 * :func:`cleanup_stale` (run at start, before the stale mount is unmounted)
   detaches the loop devices a killed daemon left on its dead mount, removes
   the links to them and its udev rule.
@@ -101,6 +102,8 @@ class LoopDevices:
         self.mountpoint = mountpoint
         self._sectors: dict[str, int] = {}
         self._read_only: dict[str, bool] = {}
+        #: devices whose new size :meth:`update` left to :meth:`resumed`
+        self._resize_pending: set[str] = set()
         #: device name -> the file systems this daemon froze (thawed at resume),
         #: with their ids in the watcher
         self._frozen: dict[str, list[tuple[int, Mount]]] = {}
@@ -130,15 +133,17 @@ class LoopDevices:
         log.info("%s: block device %s (%s), %s", md.name, dev, md.block_devno, link)
         await self.update(md)
 
-    async def update(self, md: MappedDevice) -> None:
-        """After a table swap: tell the loop driver a new size, and make the loop
-        device read-only or writable as the live table is."""
+    async def update(self, md: MappedDevice, defer_resize: bool = False) -> None:
+        """After a table swap: tell the loop driver a new size (with ``defer_resize``,
+        in the resume's :meth:`resumed` instead), and make the loop device
+        read-only or writable as the live table is."""
         if not md.block_device:
             return
         if self._sectors.get(md.name) != md.nr_sectors:
-            await _losetup("-c", md.block_device)
-            self._sectors[md.name] = md.nr_sectors
-            log.info("%s: %s resized to %d sectors", md.name, md.block_device, md.nr_sectors)
+            if defer_resize:
+                self._resize_pending.add(md.name)
+            else:
+                await self._resize(md)
         if self._read_only.get(md.name) != md.read_only:
             try:
                 await trio.to_thread.run_sync(set_read_only, md.block_device, md.read_only)
@@ -155,19 +160,31 @@ class LoopDevices:
         if lockfs:
             await self.freeze(md)
 
+    async def _resize(self, md: MappedDevice) -> None:
+        """``losetup -c``: the loop driver reads the new size and sends a ``change``
+        uevent with ``RESIZE=1``."""
+        self._resize_pending.discard(md.name)
+        await _losetup("-c", md.block_device)
+        self._sectors[md.name] = md.nr_sectors
+        log.info("%s: %s resized to %d sectors", md.name, md.block_device, md.nr_sectors)
+
     async def resumed(self, md: MappedDevice, *, uevent: bool = False) -> None:
         """After ``md``'s door opened again: undo :meth:`suspending` (thaw, then let
         udev probe the loop device again).  With ``uevent`` (a resume of a
-        suspended device, after the new table is live and the loop device's size
-        and read-only state are updated) then make the kernel send a ``change``
+        suspended device, after the new table is live and the loop device's
+        read-only state is updated) then make the kernel send one ``change``
         uevent for the loop device, as ``dm_resume`` does for a dm device; only
-        after the unquiet, so that udev's rules run in full on it.  A failure to
-        send it is logged: the resume has happened."""
+        after the unquiet, so that udev's rules run in full on it.  A size change
+        :meth:`update` deferred happens here and its event (``RESIZE=1``, as
+        dm's on a resize) is that one; its failure raises.  A failure to send a
+        plain one is logged: the resume has happened."""
         await self.thaw(md)
         if not md.block_device:
             return
         self.udev.unquiet(md.block_device)
-        if uevent:
+        if md.name in self._resize_pending:
+            await self._resize(md)
+        elif uevent:
             try:
                 await trio.to_thread.run_sync(send_change_uevent, md.block_device)
             except OSError as exc:
@@ -267,6 +284,7 @@ class LoopDevices:
         md.status_name = md.path or md.name
         self._sectors.pop(md.name, None)
         self._read_only.pop(md.name, None)
+        self._resize_pending.discard(md.name)
 
 
 def cleanup_stale(mountpoint: str) -> list[str]:

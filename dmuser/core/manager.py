@@ -202,26 +202,27 @@ class DeviceManager:
     async def resume(self, md: MappedDevice, nolockfs: bool = False) -> None:
         """``dmsetup resume``: a device running when a new table comes in is suspended
         first (frozen unless ``nolockfs``), as the kernel's ``do_resume`` does; then
-        the swap, the block device's size and read-only state, the thaw (also if
-        the block device update fails) and, if the device was suspended, a change
-        uevent for the block device (``LoopDevices.resumed``)."""
+        the swap, the block device's read-only state, the thaw (also if the block
+        device update fails) and, if the device was suspended, its new size and one
+        change uevent for the block device (``LoopDevices.resumed``)."""
         if md.inactive is not None and not md.suspended:
             await self.suspend(md, nolockfs=nolockfs)
         was_suspended = md.suspended
         await md.resume()
         if self.loops is not None:
             try:
-                await self.sync_block_device(md)
+                await self.sync_block_device(md, defer_resize=was_suspended)
             finally:
                 await self.loops.resumed(md, uevent=was_suspended)
 
-    async def sync_block_device(self, md: MappedDevice) -> None:
+    async def sync_block_device(self, md: MappedDevice, defer_resize: bool = False) -> None:
         """After a resume: give ``md`` its block device on its first live table, or
-        bring it up to date (size, read-only).  Nothing without block devices."""
+        bring it up to date (size, read-only; with ``defer_resize`` the size waits
+        for ``LoopDevices.resumed``).  Nothing without block devices."""
         if self.loops is None or md.live is None or self.devices.get(md.name) is not md:
             return
         if md.block_device:
-            await self.loops.update(md)
+            await self.loops.update(md, defer_resize)
         else:
             await self.loops.attach(md)
 

@@ -45,12 +45,12 @@ def uevents() -> Iterator[socket.socket]:
         sock.close()
 
 
-def _changes(sock: socket.socket, loop: str, wait: float) -> int:
-    """The ``change`` uevents of block device ``loop`` queued on ``sock``, waiting up
-    to ``wait`` seconds for the first one (a limit, not a measurement); the kernel
-    queues an event before the write that made it returns, so by then every event of
-    a finished verb is in the queue."""
-    found = 0
+def _change_events(sock: socket.socket, loop: str, wait: float) -> list[list[bytes]]:
+    """The ``change`` uevents (their fields) of block device ``loop`` queued on
+    ``sock``, waiting up to ``wait`` seconds for the first one (a limit, not a
+    measurement); the kernel queues an event before the write that made it returns,
+    so by then every event of a finished verb is in the queue."""
+    found: list[list[bytes]] = []
     deadline = time.monotonic() + wait
     while True:
         left = deadline - time.monotonic() if not found else 0.0
@@ -58,7 +58,11 @@ def _changes(sock: socket.socket, loop: str, wait: float) -> int:
             return found
         fields = sock.recv(1 << 16).split(b"\0")
         if fields[0].startswith(b"change@") and f"DEVNAME={loop}".encode() in fields:
-            found += 1
+            found.append(fields)
+
+
+def _changes(sock: socket.socket, loop: str, wait: float) -> int:
+    return len(_change_events(sock, loop, wait))
 
 
 def test_a_resume_of_a_suspended_device_sends_a_change_uevent(
@@ -84,3 +88,34 @@ def test_a_resume_of_a_suspended_device_sends_a_change_uevent(
     ok(d, "resume", name)
     assert _changes(uevents, loop, 10) == 1
     assert d.table_lines(name) == [f"0 8192 linear {d.dir / 'a.img'} 4096"]
+
+
+def test_a_resize_sends_one_change_uevent_with_resize(
+        bd: Daemon, uevents: socket.socket) -> None:
+    """dm sends one event on a resume that changes the size, with ``RESIZE=1``
+    (``dm_resume`` after ``set_capacity_and_notify``); dmuser's is the loop
+    driver's own, sent once udev may see the device again."""
+    d = bd
+    name = bd_name("r")
+    make_image(d.dir / "r.img", 16 * MiB)
+    d.create(name, f"0 8192 linear {d.dir / 'r.img'} 0")
+    loop = os.path.basename(d.info(name)["block_device"])
+    _changes(uevents, loop, 0)  # the attach's own events
+
+    ok(d, "reload", name, "--table", f"0 16384 linear {d.dir / 'r.img'} 0")
+    ok(d, "resume", name)
+    events = _change_events(uevents, loop, 10)
+    assert len(events) == 1, events
+    assert b"RESIZE=1" in events[0], events[0]
+    with open(f"/sys/block/{loop}/size") as f:
+        assert int(f.read()) == 16384
+
+    # shrinking, through suspend and resume as separate verbs: the same
+    ok(d, "suspend", name)
+    ok(d, "reload", name, "--table", f"0 4096 linear {d.dir / 'r.img'} 0")
+    assert _changes(uevents, loop, 0) == 0
+    ok(d, "resume", name)
+    events = _change_events(uevents, loop, 10)
+    assert len(events) == 1 and b"RESIZE=1" in events[0], events
+    with open(f"/sys/block/{loop}/size") as f:
+        assert int(f.read()) == 4096
