@@ -77,7 +77,7 @@ class Probes:
 
         def counted_copied_inline(snap: Snapshot, run: Sequence[PendingException],
                                   failed: bool) -> None:
-            c["inline_copies"] += 1  # every inline copy ends here, now or deferred
+            c["inline_copies"] += 1  # every inline copy ends here
             c["inline_sectors"] += len(run) * snap.store.chunk_size
             copied_inline(snap, run, failed)
 
