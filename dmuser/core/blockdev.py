@@ -230,11 +230,17 @@ class FileDevice(BlockDevice):
                     self.status_name, bio.op.name, bio.nr_sectors, bio.sector, exc)
         return DmIOError(f"{self.status_name}: {exc.strerror or exc}", exc.errno)
 
+    def serves_inline(self, nbytes: int) -> bool:
+        """A plain read or write of ``nbytes`` runs in the trio thread (the policy's
+        ``inline_max_bytes``; the file is open): :meth:`pread_inline` and
+        :meth:`pwrite_inline` may be used for it."""
+        return self.fd >= 0 and nbytes <= self.policy.inline_max_bytes
+
     def runs_inline(self, bio: Bio) -> bool:
-        """A READ/WRITE of at most ``self.policy.inline_max_bytes`` without PREFLUSH/FUA."""
+        """A READ/WRITE the file :meth:`serves_inline`, without PREFLUSH/FUA."""
         flags = bio.flags
-        return ((bio.op is Op.READ or bio.op is Op.WRITE) and self.fd >= 0
-                and (bio.nr_sectors << SECTOR_SHIFT) <= self.policy.inline_max_bytes
+        return ((bio.op is Op.READ or bio.op is Op.WRITE)
+                and self.serves_inline(bio.nr_sectors << SECTOR_SHIFT)
                 and not (flags and flags & (ReqFlag.PREFLUSH | ReqFlag.FUA)))
 
     def _submit_blocking(self, bio: Bio) -> None:
@@ -257,7 +263,7 @@ class FileDevice(BlockDevice):
             _pwrite_full(fd, data, offset)
 
     # Plain reads and writes now, in the calling thread, for callers that checked
-    # self.policy.inline_max_bytes and want no scheduling at all (MappedDevice's direct
+    # serves_inline() and want no scheduling at all (MappedDevice's direct
     # path).  They raise OSError and report nothing: the caller owns the error path.
 
     def pread_inline(self, sector: int, nbytes: int) -> bytes:

@@ -161,7 +161,7 @@ class MappedDevice(BlockDevice):
         if remap is None:
             return None
         dev = remap[0]
-        if not isinstance(dev, FileDevice) or nbytes > dev.policy.inline_max_bytes:
+        if not isinstance(dev, FileDevice) or not dev.serves_inline(nbytes):
             return None
         return dev, sector + remap[1]
 

@@ -86,7 +86,7 @@ def start_copies(fresh: Sequence[PendingException]) -> None:
 
 
 def _inline_file(dev: BlockDevice, nbytes: int) -> bool:
-    return type(dev) is FileDevice and dev.fd >= 0 and nbytes <= dev.policy.inline_max_bytes
+    return type(dev) is FileDevice and dev.serves_inline(nbytes)
 
 
 def inline_ok(origin: BlockDevice, cow: BlockDevice, nr_sectors: int) -> bool:
