@@ -23,6 +23,7 @@ from support.blockdev import (
     block_device_daemon,
     getsz,
     mapper,
+    mounted_ext4,
     ok,
     settle,
     udev_rules_of,
@@ -245,11 +246,7 @@ def _frozen_while_suspended(d: Daemon, name: str, mnt: Path) -> bool:
 def test_suspend_freezes_the_mounted_fs_unless_nolockfs(bd: Daemon) -> None:
     d = bd
     name = bd_name("a")
-    make_image(d.dir / "a.img", 16 * MiB)
-    ok(d, "create", name, "--table", f"0 {16 * MiB // SECTOR} linear {d.dir / 'a.img'} 0")
-    mkfs_ext4(mapper(name))
-    mnt = d.dir / "fsmnt"
-    d.mount(str(mapper(name)), mnt)
+    mnt = mounted_ext4(d, name)
     (mnt / "dirty").write_bytes(b"d" * 65536)  # written back by the freeze, not lost
     ok(d, "suspend", name)
     assert _frozen_while_suspended(d, name, mnt)
@@ -276,11 +273,7 @@ def test_a_fs_unmounted_while_frozen_is_thawed_at_resume(bd: Daemon) -> None:
     stays claimed for good and nothing can mount or remove it."""
     d = bd
     name = bd_name("a")
-    make_image(d.dir / "a.img", 16 * MiB)
-    ok(d, "create", name, "--table", f"0 {16 * MiB // SECTOR} linear {d.dir / 'a.img'} 0")
-    mkfs_ext4(mapper(name))
-    mnt = d.dir / "fsmnt"
-    d.mount(str(mapper(name)), mnt)
+    mnt = mounted_ext4(d, name)
     (mnt / "f").write_bytes(b"f" * 8192)
     ok(d, "suspend", name)
     d.umount(mnt)  # allowed on a frozen fs; its superblock stays, frozen

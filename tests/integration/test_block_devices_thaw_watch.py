@@ -11,13 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.blockdev import bd_name, block_device_daemon, mapper, ok
+from support.blockdev import bd_name, block_device_daemon, mapper, mounted_ext4, ok
 from support.daemon import Daemon, DaemonFactory
-from support.data import make_image
-from support.system import mkfs_ext4, wait_until
-
-MiB = 1 << 20
-SECTOR = 512
+from support.system import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.loop, pytest.mark.fuse, pytest.mark.mkfs,
               pytest.mark.timeout(90)]
@@ -52,11 +48,7 @@ def _alive(pid: int) -> bool:
 def test_a_fs_frozen_by_a_killed_daemon_is_thawed(bd: Daemon) -> None:
     d = bd
     name = bd_name("a")
-    make_image(d.dir / "a.img", 16 * MiB)
-    ok(d, "create", name, "--table", f"0 {16 * MiB // SECTOR} linear {d.dir / 'a.img'} 0")
-    mkfs_ext4(mapper(name))
-    mnt = d.dir / "fsmnt"
-    d.mount(str(mapper(name)), mnt)
+    mnt = mounted_ext4(d, name)
 
     # the first freeze starts the daemon's watcher; it stays for later ones
     assert d.pid is not None

@@ -19,6 +19,8 @@ from pathlib import Path
 import dmuser
 from dmuser import dmsetup
 from support.daemon import Daemon, DaemonFactory
+from support.data import make_image
+from support.system import mkfs_ext4
 
 #: the tags tests pass to :func:`bd_name`; their links are removed after each test
 TAGS = ("a", "b", "up", "low", "dead", "up1", "up2", "up3")
@@ -36,6 +38,18 @@ def getsz(dev: str | Path) -> int:
 
 def mapper(name: str) -> Path:
     return Path("/dev/mapper") / name
+
+
+def mounted_ext4(d: Daemon, name: str) -> Path:
+    """Create ``name`` (linear over a new 16 MiB image ``a.img`` in the daemon's
+    directory) with ``dmsetup create``, make ext4 on its block device and mount it
+    at ``d.dir / "fsmnt"``; returns the mount point."""
+    make_image(d.dir / "a.img", 16 << 20)
+    ok(d, "create", name, "--table", f"0 {(16 << 20) // 512} linear {d.dir / 'a.img'} 0")
+    mkfs_ext4(mapper(name))
+    mnt = d.dir / "fsmnt"
+    d.mount(str(mapper(name)), mnt)
+    return mnt
 
 
 def settle() -> None:
